@@ -1,0 +1,3 @@
+from pneumoseg.cli import main
+
+raise SystemExit(main())
