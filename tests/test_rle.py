@@ -222,3 +222,12 @@ def test_transforms_pickle_by_name():
     transform = rle_module.DecodeSIIMRLEd(keys="label_rle")
     clone = pickle.loads(pickle.dumps(transform))
     assert type(clone) is rle_module.DecodeSIIMRLEd
+
+
+def test_validate_without_decoding():
+    from pneumoseg.data.rle import validate_siim_rle
+
+    assert validate_siim_rle(["-1"], 4, 4) == 0
+    assert validate_siim_rle(["0 2", "3 5"], 4, 4) == 7
+    with pytest.raises(ValueError, match="by 4 pixels"):
+        validate_siim_rle("0 10 2 8", 4, 4)

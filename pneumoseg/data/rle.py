@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import csv
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ __all__ = [
     "Encoding",
     "encode_siim_rle",
     "decode_siim_rle",
+    "validate_siim_rle",
     "read_siim_csv",
     "write_siim_csv",
     "DecodeSIIMRLE",  # noqa: F822 (created lazily by __getattr__ below)
@@ -124,6 +125,28 @@ def _decode_one(rle: str, n_pixels: int, encoding: str, one_based: bool) -> tupl
     return starts, ends
 
 
+def _iter_runs(
+    rle: str | Sequence[str], height: int, width: int, encoding: str, one_based: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield validated 0-based absolute (starts, ends) per non-empty RLE row."""
+    _check_encoding(encoding, one_based)
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    for i, row in enumerate([rle] if isinstance(rle, str) else list(rle)):
+        if not isinstance(row, str):
+            raise ValueError(f"RLE row {i}: expected a string, got {type(row).__name__}")
+        text = row.strip()
+        if text == EMPTY_RLE:
+            continue
+        if not text:
+            raise ValueError(f"RLE row {i}: blank string (an empty mask is written {EMPTY_RLE!r})")
+        try:
+            yield _decode_one(text, height * width, encoding, one_based)
+        except ValueError as err:
+            raise ValueError(f"RLE row {i} ({height}x{width} image): {err}") from None
+
+
 def decode_siim_rle(
     rle: str | Sequence[str],
     height: int,
@@ -147,31 +170,37 @@ def decode_siim_rle(
         ValueError: naming the row and the problem (blank string, non-integer token, odd token count,
             negative number, run past the end of the image and by how much).
     """
-    _check_encoding(encoding, one_based)
     height, width = int(height), int(width)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got height={height}, width={width}")
-    rows = [rle] if isinstance(rle, str) else list(rle)
-    n_pixels = height * width
     # +1 difference array: +1 at each start, -1 at each end; a cumulative sum > 0 marks foreground,
     # which also handles overlapping runs (union) without a Python loop over pixels
-    delta = np.zeros(n_pixels + 1, dtype=np.int32)
-    for i, row in enumerate(rows):
-        if not isinstance(row, str):
-            raise ValueError(f"RLE row {i}: expected a string, got {type(row).__name__}")
-        text = row.strip()
-        if text == EMPTY_RLE:
-            continue
-        if not text:
-            raise ValueError(f"RLE row {i}: blank string (an empty mask is written {EMPTY_RLE!r})")
-        try:
-            starts, ends = _decode_one(text, n_pixels, encoding, one_based)
-        except ValueError as err:
-            raise ValueError(f"RLE row {i} ({height}x{width} image): {err}") from None
+    delta = np.zeros(max(height * width, 0) + 1, dtype=np.int32)
+    for starts, ends in _iter_runs(rle, height, width, encoding, one_based):
         np.add.at(delta, starts, 1)
         np.add.at(delta, ends, -1)
     flat = np.cumsum(delta[:-1]) > 0
     return flat.reshape((height, width), order="F")
+
+
+def validate_siim_rle(
+    rle: str | Sequence[str],
+    height: int,
+    width: int,
+    encoding: Encoding = "siim-relative",
+    one_based: bool = False,
+) -> int:
+    """Check RLE row(s) against an ``H x W`` image like :func:`decode_siim_rle`, without building the mask
+    (manifests check thousands of 1024^2 images).
+
+    Returns:
+        Total run length over all rows (overlapping runs counted per run); > 0 iff the mask is non-empty.
+
+    Raises:
+        ValueError: as :func:`decode_siim_rle`.
+    """
+    total = 0
+    for starts, ends in _iter_runs(rle, height, width, encoding, one_based):
+        total += int((ends - starts).sum())
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- CSV
