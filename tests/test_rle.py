@@ -231,3 +231,12 @@ def test_validate_without_decoding():
     assert validate_siim_rle(["0 2", "3 5"], 4, 4) == 7
     with pytest.raises(ValueError, match="by 4 pixels"):
         validate_siim_rle("0 10 2 8", 4, 4)
+
+
+def test_codec_import_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pneumoseg.data.rle as r; r.encode_siim_rle([[1]]); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
