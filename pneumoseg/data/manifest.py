@@ -824,6 +824,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.out
     data_root = args.data_root if args.data_root is not None else out.parent
+    new_salt_file = not args.salt and not salt_path_for(out).exists()
     salt = resolve_salt(out, args.salt)
     split = {
         "val_fraction": args.val_fraction,
@@ -844,6 +845,8 @@ def run(args: argparse.Namespace) -> int:
             manifest, summary = build_csv_manifest(args.csv, data_root, salt, **split)
     except (OSError, ValueError) as err:
         print(f"pneumoseg manifest: error: {err}", file=sys.stderr)
+        if new_salt_file:  # no manifest uses it
+            salt_path_for(out).unlink(missing_ok=True)
         return 1
     write_manifest(manifest, out, summary)
     print(summary.format())
