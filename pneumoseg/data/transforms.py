@@ -1,0 +1,293 @@
+"""Training / validation / inference transform chains (MONAI ``Compose`` over dict samples).
+
+The factories take only simple, JSON-friendly parameters so that bundle configs can call them, e.g.
+``{"_target_": "pneumoseg.data.transforms.radiograph_train_transforms", "spatial_size": 512}``.
+
+Radiographs (manifest entries ``{"image", "label_rle"}`` or ``{"image", "label"}``, see ``docs/data.md``):
+load (``LoadChestImaged``: ``[1, H, W]`` display values) → label from the SIIM RLE rows
+(``DecodeSIIMRLEd``) or from a mask file (binarised at 0.5) → resize to ``S x S`` (image bilinear with
+anti-aliasing, mask nearest, so it stays binary) → percentile scaling to [0, 1] (robust to 8-16 bit
+and to burnt-in labels) → training augmentation → ``EnsureTyped``. Output: ``image`` float ``[1, S, S]``
+in [0, 1], ``label`` ``[1, S, S]`` in {0, 1}.
+
+CT (``{"image": volume, "label": mask volume}``, NIfTI or DICOM series, ``[1, I, J, K]`` in HU): lung
+window W1500/L-600 → [0, 1] via MONAI's ``ScaleIntensityRanged(-1350, 150)`` (the same numbers as
+``pneumoseg.data.series.LungWindowd``, used here so that the chains depend on MONAI only) → training:
+axial slices (last axis K) sampled with ``RandCropByPosNegLabeld(spatial_size=(-1, -1, 1))`` (``pos`` /
+``neg`` set the share of slices through the pneumothorax), squeezed to ``[1, I, J]`` and resized to
+``S x S``; validation / inference keep the volume ``[1, S, S, K]`` for slice-wise inference
+(``monai.inferers.SliceInferer(spatial_dim=2)``). CT slices stay in array order ``[I, J]`` = (column,
+row), i.e. transposed w.r.t. a displayed radiograph; a model trained on CT slices sees them consistently.
+
+Inference chains are invertible (MONAI records each spatial transform in ``applied_operations``);
+:func:`invert_prediction_transforms` maps a prediction back to the source image's geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureTyped,
+    Invertd,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    Resized,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    SqueezeDimd,
+)
+
+__all__ = [
+    "IMAGE",
+    "LABEL",
+    "LABEL_RLE",
+    "PRED",
+    "LUNG_WINDOW",
+    "augmentation_transforms",
+    "radiograph_train_transforms",
+    "radiograph_validation_transforms",
+    "radiograph_inference_transforms",
+    "ct_train_transforms",
+    "ct_validation_transforms",
+    "ct_inference_transforms",
+    "invert_prediction_transforms",
+]
+
+IMAGE, LABEL, LABEL_RLE, PRED = "image", "label", "label_rle", "pred"
+LUNG_WINDOW = (-1350.0, 150.0)  # HU range of the lung window W1500 / L-600
+
+
+def _load(keys: Sequence[str]) -> MapTransform:
+    # the project's reader: DICOM (VOI LUT, MONOCHROME1 inverted), PNG, NIfTI, DICOM series, in the
+    # project's axis conventions; imported here so that importing this module stays light
+    from pneumoseg.data.readers import LoadChestImaged
+
+    return LoadChestImaged(keys=list(keys), allow_missing_keys=True)
+
+
+def _radiograph_labels() -> list[MapTransform]:
+    """``label`` ``[1, H, W]`` in {0, 1} from ``label_rle`` (SIIM rows) or from a loaded mask file."""
+    from pneumoseg.data.rle import DecodeSIIMRLEd
+
+    return [
+        # mask files are 0/1 or 0/255: any positive value is pneumothorax
+        AsDiscreted(keys=LABEL, threshold=0.5, allow_missing_keys=True),
+        DecodeSIIMRLEd(keys=LABEL_RLE, ref_key=IMAGE, output_key=LABEL, allow_missing_keys=True),
+    ]
+
+
+def _resize(spatial_size: Sequence[int]) -> Resized:
+    return Resized(
+        keys=[IMAGE, LABEL],
+        spatial_size=spatial_size,
+        # masks: "nearest-exact" samples pixel centres (torch's "nearest" is shifted by half an input pixel)
+        # and keeps the mask binary; images are usually downsampled (1024 -> 512), hence anti-aliasing
+        mode=("bilinear", "nearest-exact"),
+        anti_aliasing=(True, False),
+        allow_missing_keys=True,
+    )
+
+
+def _clip01() -> ScaleIntensityRanged:
+    # identity on [0, 1] with clipping: keeps the [0, 1] promise after intensity augmentation
+    return ScaleIntensityRanged(keys=IMAGE, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True)
+
+
+def _ensure_type() -> EnsureTyped:
+    return EnsureTyped(keys=[IMAGE, LABEL], dtype="float32", allow_missing_keys=True)
+
+
+def augmentation_transforms(
+    flip_axis: int = 1,
+    prob: float = 0.5,
+    rotate_deg: float = 10.0,
+    scale: float = 0.1,
+    translate: float = 0.05,
+    spatial_size: int = 512,
+    flip_prob: float = 0.5,
+    brightness: float = 0.1,
+    contrast: float = 0.2,
+    gamma: Sequence[float] = (0.7, 1.5),
+) -> list[MapTransform]:
+    """2D training augmentation of ``image``/``label`` ``[1, S, S]`` (image in [0, 1] before and after).
+
+    Args:
+        flip_axis: spatial axis of a left-right flip: 1 (W) for radiographs ``[C, H, W]``, 0 (I) for CT
+            slices ``[C, I, J]``. A flip swaps the patient's sides (and puts the heart on the right),
+            which is harmless here: a pneumothorax is one on either side.
+        prob: probability of each of affine, brightness, contrast, gamma.
+        rotate_deg: maximal rotation (degrees); ``scale``: maximal relative zoom;
+            ``translate``: maximal shift as a fraction of ``spatial_size``.
+        flip_prob: probability of the left-right flip.
+        brightness, contrast: maximal relative change; ``gamma``: range of the gamma exponent.
+    """
+    keys = [IMAGE, LABEL]
+    shift = translate * spatial_size
+    return [
+        RandAffined(
+            keys=keys,
+            prob=prob,
+            rotate_range=math.radians(rotate_deg),
+            scale_range=(scale, scale),
+            translate_range=(shift, shift),
+            mode=("bilinear", "nearest"),  # nearest keeps the mask binary
+            padding_mode="zeros",
+            allow_missing_keys=True,
+        ),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=flip_axis, allow_missing_keys=True),
+        RandScaleIntensityd(keys=IMAGE, factors=brightness, prob=prob),
+        RandScaleIntensityFixedMeand(keys=IMAGE, factors=contrast, prob=prob, preserve_range=True),
+        RandAdjustContrastd(keys=IMAGE, gamma=tuple(gamma), prob=prob),
+        _clip01(),
+    ]
+
+
+# ========================================================================================== radiographs
+
+
+def _radiograph_preprocessing(spatial_size: int, lower: float, upper: float) -> list[MapTransform]:
+    return [
+        _load([IMAGE, LABEL]),
+        *_radiograph_labels(),
+        _resize((spatial_size, spatial_size)),
+        ScaleIntensityRangePercentilesd(keys=IMAGE, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
+    ]
+
+
+def radiograph_train_transforms(
+    spatial_size: int = 512,
+    lower: float = 0.5,
+    upper: float = 99.5,
+    prob: float = 0.5,
+    rotate_deg: float = 10.0,
+    scale: float = 0.1,
+    translate: float = 0.05,
+    flip_prob: float = 0.5,
+    brightness: float = 0.1,
+    contrast: float = 0.2,
+    gamma: Sequence[float] = (0.7, 1.5),
+) -> Compose:
+    """Radiograph training chain: ``image`` ``[1, S, S]`` in [0, 1], ``label`` ``[1, S, S]`` in {0, 1}.
+
+    ``lower``/``upper``: intensity percentiles mapped to 0 and 1; the rest: :func:`augmentation_transforms`.
+    """
+    return Compose(
+        [
+            *_radiograph_preprocessing(spatial_size, lower, upper),
+            *augmentation_transforms(
+                1, prob, rotate_deg, scale, translate, spatial_size, flip_prob, brightness, contrast, gamma
+            ),
+            _ensure_type(),
+        ]
+    )
+
+
+def radiograph_validation_transforms(spatial_size: int = 512, lower: float = 0.5, upper: float = 99.5) -> Compose:
+    """Radiograph validation chain: as training, without augmentation."""
+    return Compose([*_radiograph_preprocessing(spatial_size, lower, upper), _ensure_type()])
+
+
+def radiograph_inference_transforms(spatial_size: int = 512, lower: float = 0.5, upper: float = 99.5) -> Compose:
+    """Radiograph inference chain (image only; invertible: see :func:`invert_prediction_transforms`)."""
+    return Compose(
+        [
+            _load([IMAGE]),
+            Resized(keys=IMAGE, spatial_size=(spatial_size, spatial_size), mode="bilinear", anti_aliasing=True),
+            ScaleIntensityRangePercentilesd(keys=IMAGE, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
+            EnsureTyped(keys=IMAGE, dtype="float32"),
+        ]
+    )
+
+
+# =================================================================================================== CT
+
+
+def _ct_preprocessing(window: Sequence[float]) -> list[MapTransform]:
+    return [
+        _load([IMAGE, LABEL]),
+        AsDiscreted(keys=LABEL, threshold=0.5, allow_missing_keys=True),
+        ScaleIntensityRanged(keys=IMAGE, a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
+    ]
+
+
+def ct_train_transforms(
+    spatial_size: int = 256,
+    pos: float = 1.0,
+    neg: float = 1.0,
+    num_samples: int = 4,
+    window: Sequence[float] = LUNG_WINDOW,
+    prob: float = 0.5,
+    rotate_deg: float = 10.0,
+    scale: float = 0.1,
+    translate: float = 0.05,
+    flip_prob: float = 0.5,
+) -> Compose:
+    """CT training chain: ``num_samples`` axial slices per volume, each ``image``/``label`` ``[1, S, S]``.
+
+    Args:
+        pos, neg: relative frequency of slices centred on pneumothorax voxels vs. on other voxels
+            (``RandCropByPosNegLabeld``); a volume without pneumothorax yields negative slices only.
+        window: HU mapped to 0 and 1 (default: lung window W1500/L-600), clipped.
+        The rest: :func:`augmentation_transforms` (left-right is axis 0 of a ``[C, I, J]`` slice).
+    """
+    keys = [IMAGE, LABEL]
+    return Compose(
+        [
+            *_ct_preprocessing(window),
+            RandCropByPosNegLabeld(
+                keys=keys, label_key=LABEL, spatial_size=(-1, -1, 1), pos=pos, neg=neg, num_samples=num_samples
+            ),
+            SqueezeDimd(keys=keys, dim=3),  # [1, I, J, 1] -> [1, I, J]
+            _resize((spatial_size, spatial_size)),
+            *augmentation_transforms(0, prob, rotate_deg, scale, translate, spatial_size, flip_prob),
+            _ensure_type(),
+        ]
+    )
+
+
+def ct_validation_transforms(spatial_size: int = 256, window: Sequence[float] = LUNG_WINDOW) -> Compose:
+    """CT validation chain: whole volume, in-plane resized: ``image``/``label`` ``[1, S, S, K]``."""
+    return Compose([*_ct_preprocessing(window), _resize((spatial_size, spatial_size, -1)), _ensure_type()])
+
+
+def ct_inference_transforms(spatial_size: int = 256, window: Sequence[float] = LUNG_WINDOW) -> Compose:
+    """CT inference chain (image only, ``[1, S, S, K]``; invertible, see :func:`invert_prediction_transforms`)."""
+    return Compose(
+        [
+            _load([IMAGE]),
+            ScaleIntensityRanged(keys=IMAGE, a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
+            Resized(keys=IMAGE, spatial_size=(spatial_size, spatial_size, -1), mode="bilinear", anti_aliasing=True),
+            EnsureTyped(keys=IMAGE, dtype="float32"),
+        ]
+    )
+
+
+def invert_prediction_transforms(
+    preprocessing: Compose, pred_key: str = PRED, threshold: float | None = 0.5, sigmoid: bool = True
+) -> Compose:
+    """Post-processing that maps ``pred`` (model output for one sample, ``[1, S, S]`` or ``[1, S, S, K]``)
+    back to the geometry of the source image, using the spatial operations ``preprocessing`` recorded
+    on ``image``.
+
+    Args:
+        preprocessing: the inference chain that produced ``image`` (e.g. :func:`radiograph_inference_transforms`).
+        sigmoid: apply a sigmoid first (the model outputs logits).
+        threshold: binarise after inverting (``None``: keep probabilities).
+    """
+    from monai.transforms import Activationsd
+
+    chain: list = [Activationsd(keys=pred_key, sigmoid=True)] if sigmoid else []
+    # probabilities are resampled bilinearly and thresholded afterwards: smoother edges than nearest
+    chain.append(Invertd(keys=pred_key, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False))
+    if threshold is not None:
+        chain.append(AsDiscreted(keys=pred_key, threshold=threshold))
+    return Compose(chain)

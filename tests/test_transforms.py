@@ -1,0 +1,201 @@
+"""Transform chains on phantom files: shapes, ranges, binary masks, image/mask alignment, inversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.transform import resize
+
+from pneumoseg.data import phantoms
+from pneumoseg.data import transforms as T
+from pneumoseg.data.rle import read_siim_csv
+
+SEED, SIZE, S = 5, 128, 64
+CT_SIZE, CT_SLICES, CT_S = 40, 12, 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Phantom files plus manifest-like entries: SIIM (DICOM + RLE), mask file (PNG), CT (NIfTI, DICOM)."""
+    out = tmp_path_factory.mktemp("phantoms")
+    mix = dict(compressed_fraction=0.5, monochrome1_fraction=0.5)
+    phantoms.synthesize(
+        out, radiographs=4, size=SIZE, ct=2, ct_size=CT_SIZE, ct_slices=CT_SLICES, seed=SEED, workers=1, **mix
+    )
+    plan = phantoms.plan_radiographs(4, SEED, SIZE, **mix)
+    # the chains must see both photometric interpretations and compressed files
+    assert {c.photometric for c in plan} == {"MONOCHROME1", "MONOCHROME2"}
+    assert {c.transfer_syntax for c in plan} > {"explicit"}
+    rows = read_siim_csv(out / phantoms.RLE_CSV)
+    radiographs = []
+    for case in plan:
+        image, mask = phantoms.draw_radiograph_case(case, SEED, SIZE)
+        png = out / f"{case.sop_uid}_mask.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(png)  # masks as files are usually 0/255
+        path = str(out / case.relative_path)
+        radiographs.append(
+            {
+                "siim": {"image": path, "label_rle": rows[case.sop_uid], "has_pneumothorax": int(case.positive)},
+                "file": {"image": path, "label": str(png), "has_pneumothorax": int(case.positive)},
+                "mask": mask,
+                "pixels": image,
+            }
+        )
+    disk = np.hypot(*np.mgrid[:SIZE, :SIZE] - np.array([SIZE * 0.4, SIZE * 0.6])[:, None, None]) < SIZE * 0.25
+    disk_png = out / "disk.png"
+    Image.fromarray(disk.astype(np.uint8) * 255).save(disk_png)
+    cts = []
+    for case in phantoms.plan_ct(2, SEED):
+        hu, mask, _ = phantoms.draw_ct_case(case, SEED, CT_SIZE, CT_SLICES)
+        nifti = out / phantoms.CT_NIFTI_DIR
+        cts.append(
+            {
+                "nifti": {
+                    "image": str(nifti / "images" / f"{case.name}.nii.gz"),
+                    "label": str(nifti / "labels" / f"{case.name}.nii.gz"),
+                },
+                "dicom": {"image": str(out / phantoms.CT_DICOM_DIR / case.name)},
+                "hu": hu,
+                "mask": mask,
+            }
+        )
+    # a big off-centre disk as image and mask file: follows geometry exactly, unlike a thin pneumothorax rim
+    return {
+        "radiographs": radiographs,
+        "ct": cts,
+        "disk": {"image": str(disk_png), "label": str(disk_png)},
+        "disk_mask": disk,
+    }
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _check_2d(sample: dict, size: int) -> None:
+    image, label = sample["image"], sample["label"]
+    assert tuple(image.shape) == tuple(label.shape) == (1, size, size)
+    assert image.dtype == torch.float32
+    assert image.min() >= 0 and image.max() <= 1 and image.max() > 0.9
+    assert set(torch.unique(label).tolist()) <= {0.0, 1.0}
+
+
+def test_radiograph_validation_chain_siim_and_mask_file_entries(data: dict) -> None:
+    chain = T.radiograph_validation_transforms(spatial_size=S)
+    for item in data["radiographs"]:
+        siim, from_file = chain(dict(item["siim"])), chain(dict(item["file"]))
+        _check_2d(siim, S)
+        _check_2d(from_file, S)
+        torch.testing.assert_close(siim["label"], from_file["label"])
+        torch.testing.assert_close(siim["image"], from_file["image"])
+        # nearest resizing samples pixel centres: the label is the mask's subsampling, in [H, W] order
+        expected = resize(item["mask"], (S, S), order=0, anti_aliasing=False)
+        np.testing.assert_array_equal(siim["label"][0].numpy(), expected)
+        assert bool(siim["label"].any()) == item["mask"].any()
+        # the image is the phantom (not transposed, not inverted for MONOCHROME1): correlates with it
+        reference = resize(item["pixels"].astype(np.float32), (S, S), anti_aliasing=True)
+        assert np.corrcoef(siim["image"][0].numpy().ravel(), reference.ravel())[0, 1] > 0.95
+
+
+def test_radiograph_train_chain_shapes_ranges_binary(data: dict) -> None:
+    chain = T.radiograph_train_transforms(spatial_size=S, prob=1.0, rotate_deg=20, scale=0.2, translate=0.1)
+    for seed in range(3):
+        chain.set_random_state(seed)
+        for item in data["radiographs"]:
+            _check_2d(chain(dict(item["siim"])), S)
+
+
+def test_flip_applies_to_image_and_mask_together(data: dict) -> None:
+    plain = T.radiograph_validation_transforms(spatial_size=S)
+    flip_only = T.radiograph_train_transforms(spatial_size=S, prob=0.0, flip_prob=1.0)
+    item = next(i for i in data["radiographs"] if i["mask"].any())
+    a, b = plain(dict(item["siim"])), flip_only(dict(item["siim"]))
+    torch.testing.assert_close(b["image"].as_tensor(), torch.flip(a["image"].as_tensor(), dims=[2]))
+    torch.testing.assert_close(b["label"].as_tensor(), torch.flip(a["label"].as_tensor(), dims=[2]))
+    assert not torch.equal(a["label"], b["label"])  # a one-sided pneumothorax changes side
+
+
+def test_affine_augmentation_moves_image_and_mask_together(data: dict) -> None:
+    # an entry whose image is the mask itself: after the random affine, image and label must still coincide
+    entry = data["disk"]
+    chain = T.radiograph_train_transforms(
+        spatial_size=S, prob=1.0, flip_prob=0.0, brightness=0.0, contrast=0.0, gamma=(1.0, 1.0), rotate_deg=15
+    )
+    plain = T.radiograph_validation_transforms(spatial_size=S)(dict(entry))
+    for seed in range(3):
+        chain.set_random_state(seed)
+        moved = chain(dict(entry))
+        _check_2d(moved, S)
+        assert not torch.equal(moved["label"], plain["label"])  # it did move
+        assert _dice(moved["image"][0].numpy() > 0.5, moved["label"][0].numpy()) > 0.97
+
+
+def test_radiograph_inference_chain_inverts_to_source_geometry(data: dict) -> None:
+    pre = T.radiograph_inference_transforms(spatial_size=S)
+    post = T.invert_prediction_transforms(pre)
+    val = T.radiograph_validation_transforms(spatial_size=S)
+    for item in data["radiographs"]:
+        sample = pre({"image": item["siim"]["image"]})
+        assert tuple(sample["image"].shape) == (1, S, S)
+        # a perfect model: logits from the model-size mask
+        sample["pred"] = (val(dict(item["siim"]))["label"] * 2 - 1) * 10
+        pred = post(sample)["pred"]
+        assert tuple(pred.shape) == (1, SIZE, SIZE)
+        assert set(torch.unique(pred).tolist()) <= {0.0, 1.0}
+        assert bool(pred.any()) == item["mask"].any()
+    # geometry: a prediction equal to the (big) disk at model size maps back onto the source disk
+    sample = pre({"image": data["disk"]["image"]})
+    sample["pred"] = (sample["image"] * 2 - 1) * 10
+    pred = post(sample)["pred"]
+    assert tuple(pred.shape) == (1, SIZE, SIZE)
+    assert _dice(pred[0].numpy(), data["disk_mask"]) > 0.98
+
+
+def test_ct_train_chain_samples_positive_slices(data: dict) -> None:
+    item = next(c for c in data["ct"] if c["mask"].any())
+    chain = T.ct_train_transforms(spatial_size=CT_S, pos=1.0, neg=0.0, num_samples=3)
+    samples = chain(dict(item["nifti"]))
+    assert len(samples) == 3
+    for sample in samples:
+        _check_2d(sample, CT_S)
+        assert sample["label"].any()
+    negative_only = T.ct_train_transforms(spatial_size=CT_S, pos=0.0, neg=1.0, num_samples=8, prob=0.0, flip_prob=0.0)
+    negative_only.set_random_state(0)
+    fractions = [float(s["label"].mean()) for s in negative_only(dict(item["nifti"]))]
+    positive_slices = item["mask"].any(axis=(0, 1)).mean()
+    assert len(fractions) == 8 and positive_slices < 1  # some slices without pneumothorax exist to be drawn
+
+
+def test_ct_validation_window_and_shapes(data: dict) -> None:
+    chain = T.ct_validation_transforms(spatial_size=CT_S)
+    for item in data["ct"]:
+        sample = chain(dict(item["nifti"]))
+        image, label = sample["image"], sample["label"]
+        assert tuple(image.shape) == tuple(label.shape) == (1, CT_S, CT_S, CT_SLICES)
+        assert image.min() >= 0 and image.max() <= 1
+        assert set(torch.unique(label).tolist()) <= {0.0, 1.0}
+        assert bool(label.any()) == bool(item["mask"].any())
+        # lung window: air outside the body (-1000 HU) -> (-1000 + 1350) / 1500
+        assert float(image[0, 0, 0, 0]) == pytest.approx(350 / 1500, abs=0.05)
+
+
+def test_ct_dicom_series_and_nifti_give_the_same_input(data: dict) -> None:
+    chain = T.ct_inference_transforms(spatial_size=CT_S)
+    for item in data["ct"]:
+        from_nifti, from_dicom = chain({"image": item["nifti"]["image"]}), chain(dict(item["dicom"]))
+        torch.testing.assert_close(from_nifti["image"].as_tensor(), from_dicom["image"].as_tensor())
+        np.testing.assert_allclose(from_nifti["image"].affine, from_dicom["image"].affine, atol=1e-3)
+
+
+def test_ct_inference_chain_inverts_to_source_geometry(data: dict) -> None:
+    pre = T.ct_inference_transforms(spatial_size=CT_S)
+    post = T.invert_prediction_transforms(pre)
+    item = next(c for c in data["ct"] if c["mask"].any())
+    sample = pre({"image": item["nifti"]["image"]})
+    sample["pred"] = (T.ct_validation_transforms(spatial_size=CT_S)(dict(item["nifti"]))["label"] * 2 - 1) * 10
+    pred = post(sample)["pred"]
+    assert tuple(pred.shape) == (1, CT_SIZE, CT_SIZE, CT_SLICES)
+    assert _dice(pred[0].numpy(), item["mask"]) > 0.7
