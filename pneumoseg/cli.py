@@ -1,4 +1,4 @@
-"""Command line: ``pneumoseg demo | synth | manifest ...``.
+"""Command line: ``pneumoseg demo | synth | manifest | infer ...``.
 
 Each subcommand lives in the module of its concept, which exposes ``add_subcommand(subparsers)``;
 this module only assembles them, so the CLI restates no defaults of its own.
@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "pneumoseg.demo",
     "synth": "pneumoseg.data.phantoms",
     "manifest": "pneumoseg.data.manifest",
+    "infer": "pneumoseg.inference",
 }
 
 
