@@ -498,18 +498,27 @@ class PredictionWriter:
     """Write the inference results of each batch (``decollate=False`` evaluator, after
     :class:`MultiTaskOutputHandler`).
 
-    Per image: ``<output_dir>/<stem>_mask.png`` (2D; 0/255, resized back to the original ``H x W`` with
-    nearest neighbour) or ``<stem>_mask.nii.gz`` (3D, with the image's affine), and one row of
-    ``<output_dir>/predictions.csv``: ``image, probability, positive, mask, mask_pixels``. 2D masks are also
-    written SIIM-style to ``<output_dir>/submission.csv`` (``ImageId`` = SOPInstanceUID if known).
+    Per image: ``<output_dir>/<stem>_mask.png`` (2D, 0/255) or ``<stem>_mask.nii.gz`` (3D, with the source
+    affine), mapped back to the source geometry by ``invert`` (e.g.
+    ``pneumoseg.data.transforms.invert_prediction_transforms(preprocessing, sigmoid=False)``, applied to
+    ``{"image", "pred"}`` of one sample), and one row of ``<output_dir>/predictions.csv``:
+    ``image, probability, positive, mask, mask_pixels``. 2D masks also go SIIM-style to
+    ``<output_dir>/submission.csv`` (``ImageId`` = SOPInstanceUID when the reader found one).
 
     PNG is written with PIL directly: MONAI's PIL writer would transpose our ``[H, W]`` arrays.
     """
 
-    def __init__(self, output_dir: str, image_key: str = "image", operating_threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        image_key: str = "image",
+        operating_threshold: float = 0.5,
+        invert: Callable[[dict], dict] | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.operating_threshold = operating_threshold
+        self.invert = invert
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -522,35 +531,34 @@ class PredictionWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, engine: Engine) -> None:
-        from monai.data import decollate_batch
+        from monai.data import MetaTensor, decollate_batch
 
         out = engine.state.output
-        items = decollate_batch(engine.state.batch[self.image_key])
-        for i, image in enumerate(items):
-            meta = getattr(image, "meta", {}) or {}
+        images = decollate_batch(engine.state.batch[self.image_key])
+        for i, image in enumerate(images):
+            meta = dict(getattr(image, "meta", {}) or {})
             source = str(meta.get("filename_or_obj", f"image_{len(self.rows)}"))
             stem = _stem(source)
-            mask = out["pred"][i].detach().cpu()
+            mask = out["pred"][i].detach().cpu().float()
             prob = float(out["pred_cls"][i].reshape(-1)[0])
-            if mask.dim() == 3:  # [1, H, W]
-                shape = meta.get("spatial_shape")
-                size = tuple(int(s) for s in np.asarray(shape).reshape(-1)[:2]) if shape is not None else None
-                if size is not None and tuple(mask.shape[1:]) != size:
-                    mask = F.interpolate(mask[None].float(), size=size, mode="nearest")[0]
-                path = self.output_dir / f"{stem}_mask.png"
+            if self.invert is not None:
+                mask = self.invert({self.image_key: image, "pred": MetaTensor(mask, meta=meta)})["pred"]
+            binary = torch.as_tensor(mask) > 0.5
+            if binary.dim() == 3:  # [1, H, W]
                 from PIL import Image
 
-                Image.fromarray((mask[0].numpy() > 0.5).astype(np.uint8) * 255).save(path)
                 from pneumoseg.data.rle import encode_siim_rle
 
-                image_id = str(meta.get("SOPInstanceUID", stem))
-                self.submission[image_id] = [encode_siim_rle(mask[0].numpy() > 0.5)]
-            else:  # [1, I, J, K] volume
-                from monai.data import MetaTensor
+                path = self.output_dir / f"{stem}_mask.png"
+                Image.fromarray(binary[0].numpy().astype(np.uint8) * 255).save(path)
+                self.submission[str(meta.get("SOPInstanceUID", stem))] = [encode_siim_rle(binary[0].numpy())]
+            else:  # [1, I, J, K] volume, saved with the (inverted) affine
                 from monai.transforms import SaveImage
 
-                affine = meta.get("affine")
-                saver = SaveImage(
+                affine = mask.affine if isinstance(mask, MetaTensor) else meta.get("affine")
+                volume = MetaTensor(binary.to(torch.uint8), affine=affine)
+                volume.meta["filename_or_obj"] = stem
+                SaveImage(
                     output_dir=str(self.output_dir),
                     output_postfix="mask",
                     output_ext=".nii.gz",
@@ -558,10 +566,7 @@ class PredictionWriter:
                     separate_folder=False,
                     print_log=False,
                     resample=False,
-                )
-                mt = MetaTensor((mask > 0.5).to(torch.uint8), affine=affine)
-                mt.meta["filename_or_obj"] = stem
-                saver(mt)
+                )(volume)
                 path = self.output_dir / f"{stem}_mask.nii.gz"
             self.rows.append(
                 {
@@ -569,7 +574,7 @@ class PredictionWriter:
                     "probability": f"{prob:.6f}",
                     "positive": int(prob >= self.operating_threshold),
                     "mask": path.name,
-                    "mask_pixels": int((mask > 0.5).sum()),
+                    "mask_pixels": int(binary.sum()),
                 }
             )
 
@@ -703,11 +708,7 @@ def check_datalist(
         if len(problems) >= max_listed:
             break
     if problems:
-        more = (
-            f" (stopped after the first {max_listed})"
-            if len(problems) >= max_listed
-            else ""
-        )
+        more = f" (stopped after the first {max_listed})" if len(problems) >= max_listed else ""
         raise DatalistError(f"{len(problems)} bad manifest entries{more}:\n  " + "\n  ".join(problems))
     return entries
 
