@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader
