@@ -166,13 +166,29 @@ def test_invalid_arguments_are_rejected(tmp_path: Path) -> None:
         phantoms.make_radiograph_phantom(64, False, np.random.default_rng(0), bits_stored=8)
 
 
+def test_existing_outputs_are_only_replaced_with_overwrite_and_only_if_ours(tmp_path: Path) -> None:
+    kwargs = dict(radiographs=2, size=48, ct=0, workers=1)
+    phantoms.synthesize(tmp_path / "a", seed=1, **kwargs)
+    with pytest.raises(ValueError, match="already exists"):
+        phantoms.synthesize(tmp_path / "a", seed=2, **kwargs)
+    phantoms.synthesize(tmp_path / "a", seed=2, overwrite=True, **kwargs)
+    # the earlier run's files are gone: the directory holds exactly what the CSV lists
+    assert len(list((tmp_path / "a").rglob("*.dcm"))) == 2 == len(read_siim_csv(tmp_path / "a" / phantoms.RLE_CSV))
+    real = tmp_path / "siim"
+    (real / phantoms.RADIOGRAPH_DIR).mkdir(parents=True)
+    (real / phantoms.RADIOGRAPH_DIR / "keep.dcm").write_bytes(b"real data")
+    with pytest.raises(ValueError, match="not written by"):
+        phantoms.synthesize(real, seed=1, overwrite=True, **kwargs)
+    assert (real / phantoms.RADIOGRAPH_DIR / "keep.dcm").read_bytes() == b"real data"
+
+
 def test_cli_help_explains_every_option_and_synth_runs(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "pneumoseg", "synth"]
     help_text = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True).stdout
     flat_help = " ".join(help_text.split())
     options = [
         "--radiographs", "--size", "--ct", "--ct-size", "--ct-slices", "--positive-fraction", "--seed",
-        "--compressed-fraction", "--monochrome1-fraction", "--workers",
+        "--compressed-fraction", "--monochrome1-fraction", "--workers", "--overwrite",
     ]  # fmt: skip
     parser = build_parser(only="synth")
     synth = parser._subparsers._group_actions[0].choices["synth"]
@@ -192,3 +208,7 @@ def test_cli_help_explains_every_option_and_synth_runs(tmp_path: Path) -> None:
     assert len(list((out / phantoms.CT_DICOM_DIR / "ct_000").glob("slice_*.dcm"))) == 12
     assert (out / phantoms.CT_NIFTI_DIR / "labels" / "ct_000.nii.gz").is_file()
     assert "6 radiographs" in result.stdout
+    again = subprocess.run(
+        [*cmd, str(out), "--radiographs", "1", "--size", "64", "--ct", "0"], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

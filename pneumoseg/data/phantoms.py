@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -77,7 +79,14 @@ _CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _EXPLICIT_VR_LE = TRANSFER_SYNTAXES["explicit"]
 _MANUFACTURER = "pneumoseg synthetic phantom"
-_CT_INTERCEPT = -1024  # stored = HU + 1024 as unsigned 12 bit, as many scanners do
+_CT_INTERCEPT = -1024
+_MARKER = ".pneumoseg-synth"
+_OUTPUTS = (
+    RADIOGRAPH_DIR,
+    RLE_CSV,
+    CT_DICOM_DIR,
+    CT_NIFTI_DIR,
+)  # stored = HU + 1024 as unsigned 12 bit, as many scanners do
 
 
 def _uid(*entropy: object) -> str:
@@ -426,7 +435,8 @@ def plan_radiographs(
     positive[rng.permutation(n)[:n_pos]] = True
     patients: list[str] = []
     while len(patients) < n:
-        patients += [f"PHANTOM-{seed:04d}-{len(set(patients)):05d}"] * int(rng.choice([1, 1, 2, 3]))
+        n_patients = len(patients) and int(patients[-1].rsplit("-", 1)[1]) + 1
+        patients += [f"PHANTOM-{seed:04d}-{n_patients:05d}"] * int(rng.choice([1, 1, 2, 3]))
     compressed = ("rle", "jpeg2000", "deflated")
     cases = []
     for i in range(n):
@@ -750,6 +760,25 @@ class SynthSummary:
         )
 
 
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    existing = [out / name for name in _OUTPUTS if (out / name).exists()]
+    if existing:
+        if not overwrite:
+            raise ValueError(f"{existing[0]} already exists; choose a new OUT_DIR or pass --overwrite")
+        if not (out / _MARKER).is_file():
+            # e.g. a real SIIM download with the same layout: never delete that
+            raise ValueError(
+                f"{out} holds {existing[0].name} but was not written by `pneumoseg synth`; not overwriting"
+            )
+        for path in existing:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("written by `pneumoseg synth`; its outputs here may be replaced with --overwrite\n")
+
+
 def _map(fn: Callable, jobs: list, workers: int) -> list:
     """Ordered map over processes (``workers`` > 1) or in-process; results never depend on ``workers``."""
     if workers <= 1 or len(jobs) <= 1:
@@ -770,8 +799,13 @@ def synthesize(
     compressed_fraction: float = 0.3,
     monochrome1_fraction: float = 0.3,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> SynthSummary:
-    """Write the phantom data set to ``out_dir`` (layout in the module docstring) and summarise it."""
+    """Write the phantom data set to ``out_dir`` (layout in the module docstring) and summarise it.
+
+    ``out_dir`` must not hold phantom outputs yet (stale files would disagree with the new CSV), unless
+    ``overwrite`` and an earlier ``synthesize`` made them (its marker file is there): then they are removed.
+    """
     for name, value in (
         ("positive_fraction", positive_fraction),
         ("compressed_fraction", compressed_fraction),
@@ -785,7 +819,7 @@ def synthesize(
         raise ValueError(f"counts must be >= 0, got radiographs={radiographs}, ct={ct}")
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out, overwrite)
     summary = SynthSummary(out_dir=out)
     start = time.perf_counter()
 
@@ -853,11 +887,27 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, metavar="N", help="worker processes (default: number of CPUs)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the phantoms of an earlier `pneumoseg synth` run in OUT_DIR (without it, existing "
+        "outputs are an error; directories not made by `pneumoseg synth` are never deleted)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = synthesize(
+    try:
+        summary = _run(args)
+    except ValueError as err:
+        print(f"pneumoseg synth: error: {err}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> SynthSummary:
+    return synthesize(
         args.out_dir,
         radiographs=args.radiographs,
         size=args.size,
@@ -869,6 +919,5 @@ def run(args: argparse.Namespace) -> int:
         compressed_fraction=args.compressed_fraction,
         monochrome1_fraction=args.monochrome1_fraction,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
-    print(summary)
-    return 0
