@@ -750,19 +750,28 @@ BUNDLE_NAME = "pneumothorax_scse_unet"
 
 
 def default_bundle_root() -> str:
-    """``"."`` when run from the bundle folder; otherwise the bundle folder MONAI's ``ConfigWorkflow`` put
-    on ``sys.path`` (the parent of the ``configs`` folder of ``--config_file``), so the commands also work
-    from elsewhere without ``--bundle_root`` (which always wins)."""
+    """``"."`` when run from the bundle folder; otherwise the folder holding the ``configs`` folder of the
+    first ``--config_file`` on the command line (``python -m monai.bundle run ... --config_file
+    path/to/bundle/configs/train.json``), so the commands also work from elsewhere without
+    ``--bundle_root`` (which always wins, being an override of this value)."""
+    import ast
     import sys
 
-    if Path("configs", "train.json").is_file():
+    if Path("configs", "train.json").is_file() or Path("configs", "inference.json").is_file():
         return "."
-    for entry in sys.path:
-        meta = Path(entry or ".", "configs", "metadata.json")
-        if meta.is_file() and Path(entry, "configs", "train.json").is_file():
-            try:
-                if json.loads(meta.read_text()).get("name", "").startswith("Pneumothorax"):
-                    return str(Path(entry))
-            except (OSError, json.JSONDecodeError):
-                continue
+    argv = list(sys.argv)
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+    if value:
+        try:
+            parsed = ast.literal_eval(value) if value.lstrip().startswith(("[", "(")) else value
+        except (ValueError, SyntaxError):
+            parsed = value
+        first = Path(str(parsed[0] if isinstance(parsed, (list, tuple)) else parsed))
+        folder = first.resolve().parent
+        return str(folder.parent if folder.name == "configs" else folder)
     return "."

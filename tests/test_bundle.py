@@ -1,0 +1,263 @@
+"""The bundle's literal commands, run as subprocesses on tiny synthetic phantoms (64 px, CPU).
+
+One training run is shared (module fixture) by the training, evaluation and inference tests; the
+resume test trains three more short runs. A small decoder keeps every run at a few seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "pneumothorax_scse_unet"
+PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+SMALL = ["--image_size", "64", "--num_workers", "0", "--network_def#decoder_channels", "[16,8,8,8,8]"]
+TRAIN = [*SMALL, "--batch_size", "4", "--val_batch_size", "4", "--cache_rate", "1.0"]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    result.output = result.stdout + result.stderr  # type: ignore[attr-defined]
+    return result
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.output[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pneumoseg.data.manifest import build_siim_manifest, write_manifest
+    from pneumoseg.data.phantoms import synthesize
+
+    root = tmp_path_factory.mktemp("phantoms")
+    synthesize(root, radiographs=16, size=64, ct=0, seed=3, workers=1)
+    manifest, summary = build_siim_manifest(
+        root / "dicom-images-train", root / "train-rle.csv", root, salt="test", val_fraction=0.25,
+        test_fraction=0.0, folds=0, seed=0, progress=False,
+    )  # fmt: skip
+    write_manifest(manifest, root / "manifest.json", summary)
+    assert manifest["training"] and manifest["validation"]
+    return root / "manifest.json"
+
+
+def _bundle_copy(where: Path) -> Path:
+    """A private copy of the bundle (configs, no weights), so tests never write into the repository."""
+    dest = where / "pneumothorax_scse_unet"
+    shutil.copytree(BUNDLE, dest, ignore=shutil.ignore_patterns("*.pt", "eval", "predictions"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """`run training` for 2 epochs, launched from the repository root without --bundle_root."""
+    bundle = _bundle_copy(tmp_path_factory.mktemp("trained"))
+    result = _run(
+        [PYTHON, "-m", "monai.bundle", "run", "training",
+         "--meta_file", str(bundle / "configs/metadata.json"), "--config_file", str(bundle / "configs/train.json"),
+         "--datalist", str(data), "--num_epochs", "2", *TRAIN],
+        cwd=REPO,
+    )  # fmt: skip
+    return bundle, _ok(result)
+
+
+def test_train_two_epochs_writes_model_checkpoint_and_metrics(trained):
+    from monai.handlers import CheckpointLoader
+    from monai.utils import set_determinism
+
+    from pneumoseg.networks import SCSEUNet
+
+    bundle, result = trained
+    manifest = json.loads(Path(result.args[result.args.index("--datalist") + 1]).read_text())
+    n_train, n_val = len(manifest["training"]), len(manifest["validation"])
+    assert f"training images: {n_train} | validation images: {n_val}" in result.output
+    assert "val_siim_dice" in result.output  # StatsHandler logged the validation metrics
+    # best-metric model: a plain state dict, readable with weights_only=True and by CheckpointLoader
+    state = torch.load(bundle / "models/model.pt", weights_only=True)
+    network = SCSEUNet(decoder_channels=(16, 8, 8, 8, 8))
+    network.load_state_dict(state)
+    set_determinism(0)
+    fresh = SCSEUNet(decoder_channels=(16, 8, 8, 8, 8))
+    CheckpointLoader(str(bundle / "models/model.pt"), {"model": fresh})(SimpleEngine())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), network.state_dict().values()))
+    # last checkpoint: everything needed to resume
+    last = torch.load(bundle / "models/checkpoint_last.pt", weights_only=True)
+    assert set(last) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert last["trainer"]["epoch_length"] == n_train // 4  # batch 4, drop_last
+    assert last["trainer"]["iteration"] == 2 * (n_train // 4)
+    history = [json.loads(line) for line in (bundle / "eval/metrics_history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"val_siim_dice", "val_siim_dice_positive", "val_auc", "val_sensitivity", "val_specificity"} <= set(
+        history[-1]
+    )
+    assert 0.0 <= history[-1]["val_siim_dice"] <= 1.0
+    assert list((bundle / "eval").glob("events.out.tfevents.*"))  # TensorBoard
+
+
+class SimpleEngine:
+    """Just enough of an Ignite engine for ``CheckpointLoader.__call__``."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.state = SimpleNamespace(max_epochs=None, epoch=0)
+        self.logger = __import__("logging").getLogger("test")
+
+
+def test_resume_matches_straight_run(tmp_path: Path, data: Path):
+    bundle = _bundle_copy(tmp_path)
+    common = [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--datalist", str(data),
+              "--num_epochs", "3", "--val_interval", "3", *TRAIN]  # fmt: skip
+    _ok(_run([*common, "--bundle_root", str(tmp_path / "straight")], cwd=bundle))
+    stopped = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--stop_epoch", "2"], cwd=bundle))
+    assert "stopping after epoch 2" in stopped.output
+    assert not (tmp_path / "resumed/eval/metrics_history.jsonl").exists()  # no validation before epoch 3
+    resumed = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--resume", "true"], cwd=bundle))
+    assert "Epoch: 1/3" not in resumed.output and "Epoch: 3/3" in resumed.output  # went on at epoch 3
+
+    def final(run: str) -> dict:
+        lines = (tmp_path / run / "eval/metrics_history.jsonl").read_text().splitlines()
+        assert len(lines) == 1
+        return json.loads(lines[0])
+
+    straight, again = final("straight"), final("resumed")
+    assert straight["epoch"] == again["epoch"] == 3
+    for key in ("val_siim_dice", "val_siim_dice_positive", "val_auc"):
+        if straight[key] is None:
+            assert again[key] is None
+        else:
+            assert abs(straight[key] - again[key]) <= 1e-6, key
+    a = torch.load(tmp_path / "straight/models/checkpoint_last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/models/checkpoint_last.pt", weights_only=True)
+    assert a["trainer"] == b["trainer"]
+    assert max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"]) <= 1e-6
+
+
+def test_evaluate_prints_and_saves_metrics_and_postprocessing(trained, data: Path):
+    bundle, _ = trained
+    result = _ok(
+        _run(
+            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
+             "--datalist", str(data), *SMALL],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    report = json.loads((bundle / "eval/metrics.json").read_text())
+    assert '"siim_dice_after"' in result.output  # printed
+    assert report["split"] == "validation" and report["checkpoint"].endswith("model.pt")
+    for key in ("val_siim_dice", "val_siim_dice_positive", "val_auc", "val_sensitivity", "val_specificity"):
+        assert key in report
+    # "before" is the plain 0.5 threshold = the evaluator's own SIIM Dice; the search can only improve on it
+    assert report["siim_dice_before"] == pytest.approx(report["val_siim_dice"], abs=1e-6)
+    assert report["siim_dice_after"] >= report["siim_dice_before"] - 1e-9
+    chosen = json.loads((bundle / "configs/postprocessing.json").read_text())
+    assert {k: chosen[k] for k in ("t_cls", "top", "min_area", "bottom")} == {
+        "t_cls": report["pp_t_cls"], "top": report["pp_top"], "min_area": report["pp_min_area"],
+        "bottom": report["pp_bottom"],
+    }  # fmt: skip
+    assert chosen["search"]["images"] == len(json.loads(data.read_text())["validation"])
+
+
+def test_inference_writes_masks_for_a_folder(trained, tmp_path: Path):
+    from PIL import Image
+
+    from pneumoseg.data.phantoms import synthesize
+
+    bundle, _ = trained
+    synthesize(tmp_path / "new", radiographs=3, size=96, ct=0, seed=11, workers=1)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for dcm in (tmp_path / "new").rglob("*.dcm"):
+        shutil.copy(dcm, inputs / dcm.name)
+    out = tmp_path / "masks"
+    _ok(
+        _run(
+            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+             "--input_dir", str(inputs), "--output_dir", str(out), *SMALL],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    masks = sorted(out.glob("*_mask.png"))
+    assert len(masks) == 3
+    assert all(Image.open(m).size == (96, 96) for m in masks)  # back at the source size, not the 64 px model input
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "image,probability,positive,mask,mask_pixels" and len(rows) == 4
+    assert all(0.0 <= float(r.split(",")[1]) <= 1.0 for r in rows[1:])
+    assert len((out / "submission.csv").read_text().splitlines()) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_one_epoch(tmp_path: Path, data: Path):
+    bundle = _bundle_copy(tmp_path)
+    result = _ok(
+        _run(
+            [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "monai.bundle", "run",
+             "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+             "--datalist", str(data), "--num_epochs", "1", *SMALL, "--batch_size", "2", "--val_batch_size", "2"],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    assert "rank 0 of 2" in result.output and "rank 1 of 2" in result.output
+    assert sorted(p.name for p in (bundle / "models").glob("*.pt")) == ["checkpoint_last.pt", "model.pt"]
+    last = torch.load(bundle / "models/checkpoint_last.pt", weights_only=True)
+    n_train = len(json.loads(data.read_text())["training"])
+    assert last["trainer"]["iteration"] == n_train // 2 // 2  # per rank: half the images, batch 2
+    assert not any(k.startswith("module.") for k in last["model"])  # DDP unwrapped
+    assert len((bundle / "eval/metrics_history.jsonl").read_text().splitlines()) == 1  # rank 0 alone
+    assert len({p.name.split(".")[3] for p in (bundle / "eval").glob("events.out.tfevents.*")}) == 1  # one pid
+
+
+def test_verify_metadata_offline_and_verify_net_in_out(tmp_path: Path):
+    bundle = _bundle_copy(tmp_path)
+    verify = [PYTHON, "-m", "monai.bundle", "verify_metadata", "--filepath", "configs/meta_schema.json"]
+    assert (
+        "metadata is verified with no error"
+        in _ok(_run([*verify, "--meta_file", "configs/metadata.json"], bundle)).output
+    )
+    broken = json.loads((bundle / "configs/metadata.json").read_text())
+    del broken["network_data_format"]["inputs"]["image"]["num_channels"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    assert _run([*verify, "--meta_file", str(tmp_path / "broken.json")], bundle).returncode != 0
+    result = _ok(
+        _run(
+            [PYTHON, "-m", "monai.bundle", "verify_net_in_out", "network_seg", "--meta_file", "configs/metadata.json",
+             "--config_file", "configs/inference.json", *SMALL[:2]],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    assert "data shape of network is verified with no error" in result.output
+
+
+def test_broken_manifest_fails_before_training_naming_the_entry(tmp_path: Path, data: Path):
+    manifest = json.loads(data.read_text())
+    manifest["data_root"] = str(data.parent)
+    manifest["training"][1]["image"] = "dicom-images-train/nowhere/missing.dcm"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(manifest))
+    bundle = _bundle_copy(tmp_path)
+    result = _run(
+        [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--datalist", str(broken), *TRAIN],
+        cwd=bundle,
+    )
+    assert result.returncode != 0
+    assert f"{broken}[training][1] dicom-images-train/nowhere/missing.dcm: image file not found" in result.output
+    assert "Engine run" not in result.output  # failed in initialize, before any engine started
