@@ -261,3 +261,44 @@ def test_broken_manifest_fails_before_training_naming_the_entry(tmp_path: Path, 
     assert result.returncode != 0
     assert f"{broken}[training][1] dicom-images-train/nowhere/missing.dcm: image file not found" in result.output
     assert "Engine run" not in result.output  # failed in initialize, before any engine started
+
+
+def test_ct_trains_on_axial_slices_and_infers_a_3d_mask(tmp_path: Path):
+    import nibabel as nib
+    import numpy as np
+
+    from pneumoseg.data.manifest import build_nifti_manifest, write_manifest
+    from pneumoseg.data.phantoms import synthesize
+
+    synthesize(tmp_path / "ct", radiographs=0, ct=3, ct_size=32, ct_slices=6, seed=5, workers=1)
+    images = tmp_path / "ct/ct-nifti/images"
+    manifest, summary = build_nifti_manifest(
+        images, tmp_path / "ct/ct-nifti/labels", tmp_path / "ct", salt="test", val_fraction=0.34,
+        test_fraction=0.0, folds=0, progress=False,
+    )  # fmt: skip
+    write_manifest(manifest, tmp_path / "ct/manifest.json", summary)
+    bundle = _bundle_copy(tmp_path)
+    _ok(
+        _run(
+            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/ct.json']",
+             "--datalist", str(tmp_path / "ct/manifest.json"), "--num_epochs", "1", "--ct_slices_per_volume", "2",
+             *SMALL, "--batch_size", "2", "--cache_rate", "1.0"],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    assert (bundle / "models/model.pt").is_file()
+    out = tmp_path / "ct_masks"
+    _ok(
+        _run(
+            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--ct", "true",
+             "--input_dir", str(images), "--output_dir", str(out), *SMALL],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    for source in sorted(images.glob("*.nii.gz")):
+        image = nib.load(str(source))
+        mask = nib.load(str(out / source.name.replace(".nii.gz", "_mask.nii.gz")))
+        assert mask.shape == image.shape  # back on the source grid (the model saw 64 x 64 slices)
+        assert np.allclose(mask.affine, image.affine)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert len((out / "predictions.csv").read_text().splitlines()) == 1 + 3
