@@ -185,6 +185,122 @@ class _Lung:
         return self.cx + self.medial * 0.55 * self.a, self.cy + 0.15 * self.b
 
 
+@dataclass(frozen=True)
+class _Background:
+    """Smooth anatomy at low resolution and where it put the heart (normalised coordinates)."""
+
+    tissue: np.ndarray  # [base, base] attenuation
+    shift: tuple[float, float]  # (u, v) offset of the whole chest
+    heart_c: tuple[float, float]
+    heart_r: tuple[float, float]
+
+
+def _chest_background(rng: np.random.Generator, base: int) -> _Background:
+    """Body, shoulders, mediastinum, spine, heart, posterior ribs, clavicles at ``base x base``."""
+    f32 = np.float32
+    ub = np.linspace(-1, 1, base, dtype=f32)[None, :]
+    vb = np.linspace(-1, 1, base, dtype=f32)[:, None]
+    shift_u, shift_v = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
+    u0, v0 = ub - shift_u, vb - shift_v
+    body_w = rng.uniform(0.8, 0.92)
+    body_level = (np.abs(u0) / (body_w * (1 + 0.08 * v0))) ** 4 + (np.abs(v0 - 0.15) / 1.3) ** 6
+    body = expit((1 - body_level) * 25)
+    tissue = body * (0.42 + 0.18 * (1 - u0 * u0)) + 0.04
+    # shoulders/arms darker at the top corners: less tissue
+    tissue -= 0.08 * body * np.clip(-v0 - 0.6, 0, None) * np.abs(u0)
+    medi_half = 0.08 + 0.05 * np.clip(v0 + 0.2, 0, None)
+    tissue += 0.16 * expit((medi_half - np.abs(u0 - 0.02)) * 60) * expit((0.55 - v0) * 20) * body
+    tissue += np.exp(-((u0 / 0.05) ** 4)) * 0.1 * body  # spine
+    heart_c = (rng.uniform(0.08, 0.16), rng.uniform(0.22, 0.32))
+    heart_r = (rng.uniform(0.22, 0.3), rng.uniform(0.18, 0.24))
+    heart_level = ((u0 - heart_c[0]) / heart_r[0]) ** 2 + ((v0 - heart_c[1]) / heart_r[1]) ** 2
+    tissue += 0.15 * expit((1 - heart_level) * 8)
+    # posterior ribs: bright curved bands (with a brighter cortex) from the spine out to the chest wall
+    ribs = np.zeros_like(tissue)
+    au = np.abs(u0)
+    gap, top, thick = rng.uniform(0.11, 0.13), rng.uniform(-0.78, -0.7), rng.uniform(0.03, 0.04)
+    for i in range(10):
+        curve = top + i * gap - 0.1 * au + 0.55 * au * au
+        dist = np.abs(v0 - curve) / thick
+        band = np.clip(1 - dist, 0, 1) ** 0.5 + 0.6 * np.exp(-(((dist - 0.9) / 0.15) ** 2))
+        ribs += band * ((au > 0.05) & (au < body_w * 0.97))
+    clavicle = np.exp(-(((v0 - (-0.72 + 0.22 * (au - 0.3) ** 2 - 0.05 * au)) / 0.03) ** 2)) * expit((0.55 - au) * 30)
+    tissue += body * (0.065 * ribs + 0.1 * clavicle)
+    tissue += 0.03 * _smooth_noise(rng, (base, base), 6) * body
+    return _Background(tissue.astype(f32), (shift_u, shift_v), heart_c, heart_r)
+
+
+def _draw_lung(
+    image: np.ndarray,
+    mask: np.ndarray,
+    lung: _Lung,
+    u: np.ndarray,
+    v: np.ndarray,
+    bg: _Background,
+    vessels: np.ndarray,
+    lung_dark: float,
+    rng: np.random.Generator | None,
+) -> None:
+    """Darken ``lung`` into ``image`` with its markings, in place, within the lung's bounding box.
+
+    With ``rng`` (the pneumothorax side) the lung collapses towards a lower-medial point: the gap to the
+    chest wall becomes marking-free air bounded by a bright pleural line, and is added to ``mask``.
+    """
+    res = vessels.shape[0]
+    c0, c1 = np.searchsorted(u, [lung.cx - 1.4 * lung.a, lung.cx + 1.4 * lung.a])
+    r0, r1 = np.searchsorted(v, [lung.cy - 1.05 * lung.b, lung.cy + 1.1 * lung.b])
+    uu, vv = u[None, c0:c1], v[r0:r1, None]
+    inside = lung.level(uu, vv) <= 1
+    heart_box = ((uu - bg.heart_c[0]) / bg.heart_r[0]) ** 2 + ((vv - bg.heart_c[1]) / bg.heart_r[1]) ** 2
+    inside &= heart_box > 1.05
+    # collapsed-lung coordinates: identity unless this lung has the pneumothorax
+    su = sv = 1.0
+    hu_, hv_ = lung.hilum()
+    if rng is not None:
+        kind = rng.uniform()
+        sv = rng.uniform(0.9, 0.97) if kind < 0.35 else rng.uniform(0.6, 0.9)  # small apical rim .. large
+        su = min(0.98, sv * rng.uniform(1.0, 1.12))
+        hv_ = lung.cy + 0.55 * lung.b
+    cu = hu_ + (uu - hu_) / su
+    cv = hv_ + (vv - hv_) / sv
+    collapsed_level = lung.level(cu, cv)
+    collapsed = inside & (collapsed_level <= 1)
+    gap = inside & ~collapsed
+    if rng is not None:
+        # slivers cut off by the heart border would become spurious few-pixel "instances": they stay lung
+        labels, n = ndimage.label(gap)
+        if n > 1:
+            areas = np.bincount(labels.ravel())[1:]
+            gap = np.isin(labels, 1 + np.flatnonzero(areas >= 0.2 * areas.max()))
+            collapsed = inside & ~gap
+    rows, cols = np.nonzero(collapsed)
+    coords = np.stack([(cv[rows, 0] + 1) * (res - 1) / 2, (cu[0, cols] + 1) * (res - 1) / 2])
+    markings = np.zeros(inside.shape, np.float32)
+    markings[rows, cols] = ndimage.map_coordinates(vessels, coords, order=1, mode="constant")
+    sub = image[r0:r1, c0:c1]
+    # air lowers attenuation; the collapsed lung is denser the more it collapsed
+    density = 1.0 + 0.6 * (1 - su * sv)
+    sub -= lung_dark * inside
+    sub += collapsed * (0.16 * markings * density + 0.03 * (density - 1))
+    if rng is not None:
+        sub -= 0.05 * gap  # hyperlucent: no lung tissue at all
+        pleura_w = rng.uniform(1.5, 2.5) * (2.0 / image.shape[1]) / (lung.a * su)  # 1.5-2.5 pixels
+        pleura = collapsed & (collapsed_level > 1 - pleura_w)
+        sub += rng.uniform(0.1, 0.14) * pleura
+        mask[r0:r1, c0:c1] |= gap
+
+
+def _detector(image: np.ndarray, rng: np.random.Generator, bits_stored: int) -> np.ndarray:
+    """Noise, a random gamma and a window into ``[0, 2**bits_stored - 1]``: uint16 ``[H, W]``."""
+    f32 = np.float32
+    image += rng.standard_normal(image.shape, dtype=f32) * f32(rng.uniform(0.006, 0.014))
+    image = np.clip(image, 0, 1.2) / 1.2
+    image **= f32(rng.uniform(0.8, 1.2))
+    top_value = 2**bits_stored - 1
+    lo, hi = rng.uniform(0.02, 0.1) * top_value, rng.uniform(0.85, 0.98) * top_value
+    return np.clip(np.rint(lo + image * (hi - lo)), 0, top_value).astype(np.uint16)
+
+
 def make_radiograph_phantom(
     size: int = 1024,
     positive: bool = False,
@@ -208,50 +324,13 @@ def make_radiograph_phantom(
     rng = np.random.default_rng() if rng is None else rng
     if not 12 <= bits_stored <= 16:
         raise ValueError(f"bits_stored must be 12-16, got {bits_stored}")
-    base = min(base, size)
     f32 = np.float32
-
-    # ---- smooth anatomy at low resolution (normalised coords u = column, v = row, both in [-1, 1])
-    ub = np.linspace(-1, 1, base, dtype=f32)[None, :]
-    vb = np.linspace(-1, 1, base, dtype=f32)[:, None]
-    shift_u, shift_v = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
-    u0, v0 = ub - shift_u, vb - shift_v
-    body_w = rng.uniform(0.8, 0.92)
-    body_level = (np.abs(u0) / (body_w * (1 + 0.08 * v0))) ** 4 + (np.abs(v0 - 0.15) / 1.3) ** 6
-    body = expit((1 - body_level) * 25)
-    tissue = body * (0.42 + 0.18 * (1 - u0 * u0)) + 0.04
-    # shoulders/arms darker at the top corners: less tissue
-    tissue -= 0.08 * body * np.clip(-v0 - 0.6, 0, None) * np.abs(u0)
-    medi_half = 0.08 + 0.05 * np.clip(v0 + 0.2, 0, None)
-    tissue += 0.16 * expit((medi_half - np.abs(u0 - 0.02)) * 60) * expit((0.55 - v0) * 20) * body
-    spine = np.exp(-((u0 / 0.05) ** 4)) * 0.1 * body
-    tissue += spine
-    heart_c = (rng.uniform(0.08, 0.16), rng.uniform(0.22, 0.32))
-    heart_r = (rng.uniform(0.22, 0.3), rng.uniform(0.18, 0.24))
-    heart_level = ((u0 - heart_c[0]) / heart_r[0]) ** 2 + ((v0 - heart_c[1]) / heart_r[1]) ** 2
-    tissue += 0.15 * expit((1 - heart_level) * 8)
-    # posterior ribs: bright curved bands (with a brighter cortex) from the spine out to the chest wall
-    ribs = np.zeros_like(tissue)
-    au = np.abs(u0)
-    n_ribs = 10
-    gap = rng.uniform(0.11, 0.13)
-    top = rng.uniform(-0.78, -0.7)
-    thick = rng.uniform(0.03, 0.04)
-    for i in range(n_ribs):
-        curve = top + i * gap - 0.1 * au + 0.55 * au * au
-        dist = np.abs(v0 - curve) / thick
-        band = np.clip(1 - dist, 0, 1) ** 0.5 + 0.6 * np.exp(-(((dist - 0.9) / 0.15) ** 2))
-        ribs += band * ((au > 0.05) & (au < body_w * 0.97))
-    clavicle = np.exp(-(((v0 - (-0.72 + 0.22 * (au - 0.3) ** 2 - 0.05 * au)) / 0.03) ** 2)) * expit((0.55 - au) * 30)
-    tissue += body * (0.065 * ribs + 0.1 * clavicle)
-    tissue += 0.03 * _smooth_noise(rng, (base, base), 6) * body
-    smooth = ndimage.zoom(tissue.astype(f32), size / base, order=1, grid_mode=True, mode="nearest")
-
-    # ---- lungs, pneumothorax and fine markings at full resolution (only inside each lung's box)
-    image = smooth
+    bg = _chest_background(rng, min(base, size))
+    image = ndimage.zoom(bg.tissue, size / bg.tissue.shape[0], order=1, grid_mode=True, mode="nearest")
     mask = np.zeros((size, size), bool)
-    u = np.linspace(-1, 1, size, dtype=f32) - f32(shift_u)
-    v = np.linspace(-1, 1, size, dtype=f32) - f32(shift_v)
+    # lungs, pneumothorax and fine markings at full resolution, in the same coordinates as the background
+    u = np.linspace(-1, 1, size, dtype=f32) - f32(bg.shift[0])
+    v = np.linspace(-1, 1, size, dtype=f32) - f32(bg.shift[1])
     lungs = [
         _Lung(
             rng.uniform(-0.43, -0.37), rng.uniform(-0.12, -0.06), rng.uniform(0.27, 0.32), rng.uniform(0.55, 0.62), 1
@@ -259,70 +338,17 @@ def make_radiograph_phantom(
         _Lung(rng.uniform(0.37, 0.43), rng.uniform(-0.12, -0.06), rng.uniform(0.24, 0.29), rng.uniform(0.52, 0.6), -1),
     ]
     ptx_side = int(rng.integers(0, 2)) if positive else -1
-    res = 512
-    vessels = _vessel_canvas(
-        rng,
-        [
-            (np.array(lung.hilum()), ang)
-            for lung in lungs
-            for ang in np.pi / 2 + lung.medial * np.array([0.7, 1.4, 2.3]) + rng.uniform(-0.2, 0.2, 3)
-            # angles point laterally: up-lateral, lateral, down-lateral
-        ],
-        res,
-    )
+    # three vessel trees per hilum, pointing up-laterally, laterally and down-laterally
+    trees = [
+        (np.array(lung.hilum()), angle)
+        for lung in lungs
+        for angle in np.pi / 2 + lung.medial * np.array([0.7, 1.4, 2.3]) + rng.uniform(-0.2, 0.2, 3)
+    ]
+    vessels = _vessel_canvas(rng, trees, 512)
     lung_dark = rng.uniform(0.3, 0.36)
-    px = 2.0 / size  # one pixel in normalised units
     for side, lung in enumerate(lungs):
-        c0, c1 = np.searchsorted(u, [lung.cx - 1.4 * lung.a, lung.cx + 1.4 * lung.a])
-        r0, r1 = np.searchsorted(v, [lung.cy - 1.05 * lung.b, lung.cy + 1.1 * lung.b])
-        uu, vv = u[None, c0:c1], v[r0:r1, None]
-        inside = lung.level(uu, vv) <= 1
-        heart_box = ((uu - heart_c[0]) / heart_r[0]) ** 2 + ((vv - heart_c[1]) / heart_r[1]) ** 2
-        inside &= heart_box > 1.05
-        # collapsed-lung coordinates: identity unless this lung has the pneumothorax
-        su = sv = 1.0
-        hu_, hv_ = lung.hilum()
-        if side == ptx_side:
-            kind = rng.uniform()
-            sv = rng.uniform(0.9, 0.97) if kind < 0.35 else rng.uniform(0.6, 0.9)  # small apical rim .. large
-            su = min(0.98, sv * rng.uniform(1.0, 1.12))
-            hv_ = lung.cy + 0.55 * lung.b
-        cu = hu_ + (uu - hu_) / su
-        cv = hv_ + (vv - hv_) / sv
-        collapsed_level = lung.level(cu, cv)
-        collapsed = inside & (collapsed_level <= 1)
-        gap = inside & ~collapsed
-        if side == ptx_side:
-            # slivers cut off by the heart border would become spurious few-pixel "instances": they stay lung
-            labels, n = ndimage.label(gap)
-            if n > 1:
-                areas = np.bincount(labels.ravel())[1:]
-                gap = np.isin(labels, 1 + np.flatnonzero(areas >= 0.2 * areas.max()))
-                collapsed = inside & ~gap
-        rows, cols = np.nonzero(collapsed)
-        coords = np.stack([(cv[rows, 0] + 1) * (res - 1) / 2, (cu[0, cols] + 1) * (res - 1) / 2])
-        markings = np.zeros(inside.shape, f32)
-        markings[rows, cols] = ndimage.map_coordinates(vessels, coords, order=1, mode="constant")
-        sub = image[r0:r1, c0:c1]
-        # air lowers attenuation; the collapsed lung is denser the more it collapsed
-        density = 1.0 + 0.6 * (1 - su * sv)
-        sub -= lung_dark * inside
-        sub += collapsed * (0.16 * markings * density + 0.03 * (density - 1))
-        if side == ptx_side:
-            sub -= 0.05 * gap  # hyperlucent: no lung tissue at all
-            pleura_w = rng.uniform(1.5, 2.5) * px / (lung.a * su)
-            pleura = collapsed & (collapsed_level > 1 - pleura_w)
-            sub += rng.uniform(0.1, 0.14) * pleura
-            mask[r0:r1, c0:c1] |= gap
-
-    image += rng.standard_normal((size, size), dtype=f32) * f32(rng.uniform(0.006, 0.014))
-    # detector response: random gamma and window into the stored range
-    image = np.clip(image, 0, 1.2) / 1.2
-    image **= f32(rng.uniform(0.8, 1.2))
-    top_value = 2**bits_stored - 1
-    lo, hi = rng.uniform(0.02, 0.1) * top_value, rng.uniform(0.85, 0.98) * top_value
-    out = np.clip(np.rint(lo + image * (hi - lo)), 0, top_value).astype(np.uint16)
-    return out, mask
+        _draw_lung(image, mask, lung, u, v, bg, vessels, lung_dark, rng if side == ptx_side else None)
+    return _detector(image, rng, bits_stored), mask
 
 
 def mask_to_rle_rows(mask: np.ndarray) -> list[str]:
@@ -523,8 +549,29 @@ def make_ct_phantom(
     # z in the same unit as x, y (half the field of view), so that distances (vessels) are isotropic
     h = length_mm / fov_mm
     z = np.linspace(-h, h, slices, dtype=f32)[None, None, :]  # K: inferior (-) → superior (+)
-    shape = (size, size, slices)
+    hu, body_r = _ct_torso(x, y, z, h, rng)
+    heart_c = (rng.uniform(0.08, 0.16), rng.uniform(-0.22, -0.12), h * rng.uniform(-0.5, -0.3))
+    heart = ((x - heart_c[0]) / 0.3) ** 2 + ((y - heart_c[1]) / 0.26) ** 2 + ((z - heart_c[2]) / (0.45 * h)) ** 2 <= 1
+    mediastinum = (np.abs(x - 0.02) < 0.13) & (y > -0.55) & (y < 0.45)
+    ptx_side = int(rng.integers(0, 2)) if positive else -1
+    mask = np.zeros(hu.shape, bool)
+    for side, sign in enumerate((-1.0, 1.0)):
+        c = (sign * rng.uniform(0.36, 0.42), rng.uniform(-0.02, 0.06), h * rng.uniform(0.0, 0.1))
+        r = (rng.uniform(0.27, 0.32), rng.uniform(0.38, 0.45), h * rng.uniform(0.85, 0.95))
+        lung = _Lung3D(np.array(c, f32), np.array(r, f32), sign)
+        inside = (lung.level(x, y, z) <= 1) & ~heart & ~mediastinum & (body_r < 0.8)
+        _draw_ct_lung(hu, mask, lung, inside, (x, y, z), 2.0 / size, rng, side == ptx_side)
+    hu[heart] = 40.0
+    hu += rng.normal(0, rng.uniform(12, 22), hu.shape).astype(f32)
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), mask, spacing
 
+
+def _ct_torso(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, h: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """HU ``[I, J, K]`` of air, body (fat rim), ribs, sternum and spine; and the body's elliptic radius."""
+    f32 = np.float32
+    shape = (x.shape[0], y.shape[1], z.shape[2])
     bx, by = rng.uniform(0.78, 0.88), rng.uniform(0.55, 0.65)
     body_r = np.sqrt((x / bx) ** 2 + (y / by) ** 2) * np.ones_like(z)
     hu = np.full(shape, -1000.0, f32)
@@ -539,57 +586,67 @@ def make_ct_phantom(
     spine_r = np.sqrt((x / 0.11) ** 2 + ((y - by * 0.7) / 0.11) ** 2) * np.ones_like(z)
     hu[spine_r <= 1] = 350.0
     hu[(spine_r > 0.75) & (spine_r <= 1)] = 800.0  # cortical rim
+    return hu, body_r
 
-    # lungs: ellipsoids, carved by mediastinum and heart
-    heart_c = (rng.uniform(0.08, 0.16), rng.uniform(-0.22, -0.12), h * rng.uniform(-0.5, -0.3))
-    heart = ((x - heart_c[0]) / 0.3) ** 2 + ((y - heart_c[1]) / 0.26) ** 2 + ((z - heart_c[2]) / (0.45 * h)) ** 2 <= 1
-    mediastinum = (np.abs(x - 0.02) < 0.13) & (y > -0.55) & (y < 0.45)
-    ptx_side = int(rng.integers(0, 2)) if positive else -1
-    mask = np.zeros(shape, bool)
-    for side, sign in enumerate((-1.0, 1.0)):
-        c = np.array([sign * rng.uniform(0.36, 0.42), rng.uniform(-0.02, 0.06), h * rng.uniform(0.0, 0.1)], f32)
-        r = np.array([rng.uniform(0.27, 0.32), rng.uniform(0.38, 0.45), h * rng.uniform(0.85, 0.95)], f32)
 
-        def level(px, py, pz, c=c, r=r):
-            # apex narrows: in-plane radii shrink towards the top of the ellipsoid
-            taper = np.clip(1.15 - 0.45 * (pz - c[2]) / r[2], 0.5, 1.0)
-            return np.sqrt(
-                ((px - c[0]) / (r[0] * taper)) ** 2 + ((py - c[1]) / (r[1] * taper)) ** 2 + ((pz - c[2]) / r[2]) ** 2
-            )
+@dataclass(frozen=True)
+class _Lung3D:
+    """A CT lung: ellipsoid ``level <= 1`` whose in-plane radii shrink towards the apex."""
 
-        inside = (level(x, y, z) <= 1) & ~heart & ~mediastinum & (body_r < 0.8)
-        hilum = np.array([c[0] - sign * 0.6 * r[0], c[1] + 0.1, c[2] - 0.1 * r[2]], f32)
-        scale = np.ones(3, f32)
-        if side == ptx_side:
-            s = rng.uniform(0.88, 0.95) if rng.uniform() < 0.35 else rng.uniform(0.6, 0.88)
-            scale = np.array([min(0.97, s * rng.uniform(1.0, 1.1)), s, min(0.97, s * rng.uniform(1.0, 1.1))], f32)
-            # collapse towards the posterior-medial hilum: the air collects anteriorly/laterally/apically
-            hilum = np.array([c[0] - sign * 0.7 * r[0], c[1] + 0.75 * r[1], c[2] - 0.2 * r[2]], f32)
-        idx = np.nonzero(inside)
-        pts = np.stack([x[idx[0], 0, 0], y[0, idx[1], 0], z[0, 0, idx[2]]], axis=1)
-        collapsed_pts = hilum + (pts - hilum) / scale
-        collapsed_level = level(collapsed_pts[:, 0], collapsed_pts[:, 1], collapsed_pts[:, 2])
-        collapsed = collapsed_level <= 1
-        lung_hu = np.where(collapsed, -850.0 + 80.0 * (1 - scale.prod()), -1000.0).astype(f32)
-        # vessels: a 3D tree from the hilum, sampled at the collapsed-lung position (compressed markings)
-        root = np.array([c[0] - sign * 0.45 * r[0], c[1], c[2]], np.float64)
-        segments = []
-        for up in (-1.2, -0.5, 0.0, 0.5, 1.2):  # fan out laterally, downwards and upwards
-            direction = np.array([sign, rng.uniform(-0.4, 0.4), up])
-            segments += _branching_tree(rng, root, direction, 0.15, 4, 0.6)
-        dist, gen = _segment_distance(collapsed_pts.astype(f32), segments)
-        radius = 0.025 * 0.8 ** gen.astype(f32)
-        vessel = np.exp(-((dist / radius) ** 2)) * collapsed
-        lung_hu = lung_hu + vessel * 900.0
-        if side == ptx_side:
-            pleura_w = 1.6 * 2.0 / size / (float(r[0]) * float(scale[0]))
-            lung_hu[collapsed & (collapsed_level > 1 - pleura_w)] = -250.0
-            mask[idx] = ~collapsed
-        hu[idx] = np.minimum(lung_hu, 60.0)
+    c: np.ndarray  # centre (x, y, z)
+    r: np.ndarray  # radii
+    sign: float  # -1 right lung (x < 0), +1 left lung
 
-    hu[heart] = 40.0
-    hu += rng.normal(0, rng.uniform(12, 22), shape).astype(f32)
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), mask, spacing
+    def level(self, px: np.ndarray, py: np.ndarray, pz: np.ndarray) -> np.ndarray:
+        c, r = self.c, self.r
+        taper = np.clip(1.15 - 0.45 * (pz - c[2]) / r[2], 0.5, 1.0)
+        return np.sqrt(
+            ((px - c[0]) / (r[0] * taper)) ** 2 + ((py - c[1]) / (r[1] * taper)) ** 2 + ((pz - c[2]) / r[2]) ** 2
+        )
+
+
+def _draw_ct_lung(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    lung: _Lung3D,
+    inside: np.ndarray,
+    xyz: tuple[np.ndarray, np.ndarray, np.ndarray],
+    voxel: float,
+    rng: np.random.Generator,
+    pneumothorax: bool,
+) -> None:
+    """Write the lung's HU (about -850, vessels) into ``hu`` in place; with ``pneumothorax`` the lung
+    collapses towards a posterior-medial point, leaving -1000 HU air anteriorly/laterally (added to ``mask``)."""
+    f32 = np.float32
+    c, r, sign = lung.c, lung.r, lung.sign
+    scale = np.ones(3, f32)
+    hilum = np.array([c[0] - sign * 0.6 * r[0], c[1] + 0.1, c[2] - 0.1 * r[2]], f32)
+    if pneumothorax:
+        s = rng.uniform(0.88, 0.95) if rng.uniform() < 0.35 else rng.uniform(0.6, 0.88)
+        scale = np.array([min(0.97, s * rng.uniform(1.0, 1.1)), s, min(0.97, s * rng.uniform(1.0, 1.1))], f32)
+        # collapse towards the posterior-medial hilum: the air collects anteriorly/laterally/apically
+        hilum = np.array([c[0] - sign * 0.7 * r[0], c[1] + 0.75 * r[1], c[2] - 0.2 * r[2]], f32)
+    x, y, z = xyz
+    idx = np.nonzero(inside)
+    pts = np.stack([x[idx[0], 0, 0], y[0, idx[1], 0], z[0, 0, idx[2]]], axis=1)
+    collapsed_pts = hilum + (pts - hilum) / scale
+    collapsed_level = lung.level(collapsed_pts[:, 0], collapsed_pts[:, 1], collapsed_pts[:, 2])
+    collapsed = collapsed_level <= 1
+    lung_hu = np.where(collapsed, -850.0 + 80.0 * (1 - scale.prod()), -1000.0).astype(f32)
+    # vessels: 3D trees from the hilum, sampled at the collapsed-lung position (compressed markings)
+    root = np.array([c[0] - sign * 0.45 * r[0], c[1], c[2]], np.float64)
+    segments = []
+    for up in (-1.2, -0.5, 0.0, 0.5, 1.2):  # fan out laterally, downwards and upwards
+        direction = np.array([sign, rng.uniform(-0.4, 0.4), up])
+        segments += _branching_tree(rng, root, direction, 0.15, 4, 0.6)
+    dist, gen = _segment_distance(collapsed_pts.astype(f32), segments)
+    radius = 0.025 * 0.8 ** gen.astype(f32)
+    lung_hu += np.exp(-((dist / radius) ** 2)) * collapsed * 900.0
+    if pneumothorax:
+        pleura_w = 1.6 * voxel / (float(r[0]) * float(scale[0]))  # about 1.6 voxels
+        lung_hu[collapsed & (collapsed_level > 1 - pleura_w)] = -250.0
+        mask[idx] = ~collapsed
+    hu[idx] = np.minimum(lung_hu, 60.0)
 
 
 def ct_affine_ras(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
