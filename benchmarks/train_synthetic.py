@@ -1,0 +1,196 @@
+"""Train the bundle on synthetic radiographs on this machine's CPU and report held-out quality.
+
+Steps (all through the bundle's own commands, as a user would run them):
+
+1. ``pneumoseg.data.phantoms.synthesize``: ``--radiographs`` CR DICOM phantoms at ``--size`` px (SIIM layout);
+2. ``build_siim_manifest``: patient-level split with ``--val-fraction`` held out (validation = the
+   held-out set; no test split, no folds);
+3. ``python -m monai.bundle run training`` (``train.json``) for ``--epochs`` epochs at ``--image-size``,
+   validating every epoch (StatsHandler + metrics history);
+4. ``python -m monai.bundle run`` (``train.json`` + ``evaluate.json``) on the held-out images with the best
+   checkpoint: SIIM Dice (mean per image, empty-on-empty = 1), Dice on positive images, image-level AUC,
+   sensitivity/specificity, and the Dice after the post-processing search;
+5. learning curves (training loss per epoch, validation Dice / positive Dice / AUC) to ``--out``/curves.png.
+
+Prints the numbers with PASS/MISS against the targets (SIIM Dice >= 0.85, AUC >= 0.95) and the wall time
+(budget: 15 min on 2 CPU cores). Everything is written under ``--out`` (default ``bench_out/train_synthetic``).
+
+    .venv/bin/python benchmarks/train_synthetic.py [--radiographs 440] [--epochs 12] [--image-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "pneumothorax_scse_unet"
+TARGETS = {"siim_dice": 0.85, "auc": 0.95}
+_LOSS_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- .*?\bloss: ([0-9.eE+-]+)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train the pneumothorax bundle on synthetic radiographs (CPU) and report held-out "
+        "SIIM Dice, positive-only Dice and AUC, with learning curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "train_synthetic", help="output folder")
+    parser.add_argument("--radiographs", type=int, default=440, help="synthetic radiographs in total")
+    parser.add_argument("--size", type=int, default=256, help="phantom size in pixels (rows = columns)")
+    parser.add_argument("--val-fraction", type=float, default=0.28, help="held-out fraction (by patient)")
+    parser.add_argument("--image-size", type=int, default=128, help="network input size (multiple of 64)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument(
+        "--decoder-channels", default="[64,32,32,16,16]", help="decoder widths (smaller than the default for CPU)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes for synthesis and data loading")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms, the split and training")
+    parser.add_argument("--keep-data", action="store_true", help="reuse phantoms already in --out/data")
+    return parser.parse_args(argv)
+
+
+def _bundle_command(args: argparse.Namespace, bundle: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", *extra,
+            "--datalist", str(args.out / "data" / "manifest.json"), "--bundle_root", str(bundle),
+            "--image_size", str(args.image_size), "--network_def#decoder_channels", args.decoder_channels,
+            "--num_workers", str(args.workers), "--seed", str(args.seed)]  # fmt: skip
+
+
+def _stream(command: list[str], log: Path) -> str:
+    """Run ``command``, echo its output and keep it in ``log``; raise on failure."""
+    lines = []
+    with (
+        log.open("w") as f,
+        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
+        for line in proc.stdout:  # type: ignore[union-attr]
+            f.write(line)
+            lines.append(line)
+            if "Metrics --" in line or "Epoch[" in line and "Complete" in line:
+                print(line.rstrip(), flush=True)
+    if proc.returncode:
+        sys.stdout.write("".join(lines[-40:]))
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(command)}; log: {log}")
+    return "".join(lines)
+
+
+def plot_curves(train_log: str, history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses: dict[int, list[float]] = defaultdict(list)
+    for epoch, loss in _LOSS_LINE.findall(train_log):
+        losses[int(epoch)].append(float(loss))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = sorted(losses)
+    ax1.plot(epochs, [sum(losses[e]) / len(losses[e]) for e in epochs], marker="o")
+    ax1.set(title="training loss (fused, mean per epoch)", xlabel="epoch", ylabel="loss")
+    for key, label in (
+        ("val_siim_dice", "SIIM Dice"),
+        ("val_siim_dice_positive", "Dice (positive images)"),
+        ("val_auc", "image AUC"),
+    ):
+        ax2.plot([h["epoch"] for h in history], [h.get(key) for h in history], marker="o", label=label)
+    ax2.axhline(TARGETS["siim_dice"], color="grey", ls="--", lw=0.8)
+    ax2.set(title="validation (held-out)", xlabel="epoch", ylim=(0, 1))
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pneumoseg.data.manifest import build_siim_manifest, write_manifest
+    from pneumoseg.data.phantoms import synthesize
+
+    start = time.perf_counter()
+    data = args.out / "data"
+    if not (args.keep_data and (data / "manifest.json").is_file()):
+        shutil.rmtree(data, ignore_errors=True)
+        print(
+            synthesize(data, radiographs=args.radiographs, size=args.size, ct=0, seed=args.seed, workers=args.workers)
+        )
+        manifest, summary = build_siim_manifest(
+            data / "dicom-images-train", data / "train-rle.csv", data, salt="benchmark",
+            val_fraction=args.val_fraction, test_fraction=0.0, folds=0, seed=args.seed, progress=False,
+        )  # fmt: skip
+        write_manifest(manifest, data / "manifest.json", summary)
+    manifest = json.loads((data / "manifest.json").read_text())
+    n_train, n_val = len(manifest["training"]), len(manifest["validation"])
+    print(f"training on {n_train} radiographs, validating on {n_val} held-out radiographs")
+    data_seconds = time.perf_counter() - start
+
+    bundle = args.out / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")  # the searched post-processing lands here
+    train_log = _stream(
+        _bundle_command(
+            args, bundle,
+            ["training", "--meta_file", str(bundle / "configs/metadata.json"),
+             "--config_file", str(bundle / "configs/train.json"), "--num_epochs", str(args.epochs),
+             "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+             "--cache_rate", "1.0", "--early_stop_patience", str(args.epochs)],
+        ),
+        args.out / "train.log",
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - start - data_seconds
+    _stream(
+        _bundle_command(
+            args,
+            bundle,
+            ["--config_file", str([str(bundle / "configs/train.json"), str(bundle / "configs/evaluate.json")])],
+        ),
+        args.out / "evaluate.log",
+    )
+    report = json.loads((bundle / "eval" / "metrics.json").read_text())
+    history = [json.loads(line) for line in (bundle / "eval" / "metrics_history.jsonl").read_text().splitlines()]
+    plot_curves(train_log, history, args.out / "curves.png")
+    total = time.perf_counter() - start
+
+    results = {
+        "radiographs": args.radiographs,
+        "size": args.size,
+        "image_size": args.image_size,
+        "train_images": n_train,
+        "held_out_images": n_val,
+        "epochs": len(history),
+        "siim_dice": report.get("val_siim_dice"),
+        "siim_dice_positive": report.get("val_siim_dice_positive"),
+        "auc": report.get("val_auc"),
+        "sensitivity": report.get("val_sensitivity"),
+        "specificity": report.get("val_specificity"),
+        "siim_dice_after_postprocessing_search": report.get("siim_dice_after"),
+        "seconds_data": round(data_seconds, 1),
+        "seconds_train": round(train_seconds, 1),
+        "seconds_total": round(total, 1),
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nheld-out images: {n_val}  (trained on {n_train}, {len(history)} epochs at {args.image_size} px)")
+    for key, target in (("siim_dice", TARGETS["siim_dice"]), ("siim_dice_positive", None), ("auc", TARGETS["auc"])):
+        value = results[key]
+        verdict = "" if target is None else (" PASS" if value is not None and value >= target else " MISS")
+        shown = "n/a" if value is None else f"{value:.4f}"
+        print(f"  {key:<22} {shown}" + (f"  (target >= {target}){verdict}" if target is not None else ""))
+    print(f"  Dice after post-processing search (chosen on the same images, optimistic): "
+          f"{results['siim_dice_after_postprocessing_search']:.4f}")  # fmt: skip
+    print(f"  wall time {total / 60:.1f} min (data {data_seconds:.0f} s, training {train_seconds:.0f} s)"
+          f"{' PASS' if total <= 15 * 60 else ' MISS'} (budget 15 min)")  # fmt: skip
+    print(f"  curves: {args.out / 'curves.png'}; results: {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
