@@ -152,7 +152,7 @@ def test_evaluate_prints_and_saves_metrics_and_postprocessing(trained, data: Pat
     result = _ok(
         _run(
             [PYTHON, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
-             "--datalist", str(data), *SMALL],
+             "--dataset_dir", str(data.parent), *SMALL],  # dataset_dir/manifest.json
             cwd=bundle,
         )
     )  # fmt: skip
