@@ -1,0 +1,282 @@
+"""Per-scan output files of ``pneumoseg infer``: masks (PNG / NIfTI), DICOM SEG, overlay PNG; atomic writes.
+
+Every writer goes through :func:`atomic_write`: the bytes go to a hidden temporary name in the target
+folder, then ``os.replace`` puts them in place, so a killed run never leaves a half-written file under
+an output name (at worst a ``.tmp-*`` file, which the next run deletes). :func:`file_digest` gives the
+size + sha256 stored in the per-scan completion record, so a re-run can verify outputs, not trust them.
+
+Geometry: radiograph masks are ``[H, W]`` (DICOM Rows, Columns); volume masks ``[I, J, K]`` with the RAS
+affine of the source (the project conventions, docs/data.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_write",
+    "file_digest",
+    "remove_stale_temporaries",
+    "write_mask_png",
+    "write_mask_nifti",
+    "write_overlay_png",
+    "write_dicom_seg",
+    "sanitize_source_header",
+    "PNEUMOTHORAX_CODE",
+    "ABNORMAL_STRUCTURE_CODE",
+]
+
+TMP_PREFIX = ".tmp-"
+# SNOMED CT codes of the segment (DICOM SEG segmented property type / category)
+PNEUMOTHORAX_CODE = ("36118008", "SCT", "Pneumothorax")
+ABNORMAL_STRUCTURE_CODE = ("49755003", "SCT", "Morphologically abnormal structure")
+# Type 2 attributes highdicom copies from the source image; exports often drop them (empty is valid)
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary keeps ``path``'s suffixes
+    (writers choose the format from them, e.g. ``.nii.gz``). On failure the temporary is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete ``.tmp-*`` leftovers of a killed run in ``folder``; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:
+    """``mask`` ``[H, W]`` (bool or 0/1) -> 8-bit PNG with 0 / 255, same ``[H, W]``.
+
+    PIL directly: MONAI's PILWriter expects ``[W, H]`` (it transposes), against our convention.
+    """
+    from PIL import Image
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{path}: PNG mask must be [H, W], got shape {mask.shape}")
+    image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_mask_nifti(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> Path:
+    """``mask`` ``[I, J, K]`` -> uint8 NIfTI with ``affine`` (RAS, 4x4) as qform and sform (MONAI's writer)."""
+    from monai.data import NibabelWriter
+
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"{path}: NIfTI mask must be [I, J, K], got shape {mask.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+
+    def write(tmp: Path) -> None:
+        writer = NibabelWriter(output_dtype=np.uint8)
+        writer.set_data_array((mask > 0).astype(np.uint8), channel_dim=None)
+        # resample=False: the mask is already on the source grid; the affine is only recorded
+        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+        writer.write(os.fspath(tmp))
+
+    return atomic_write(path, write)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """Inner boundary pixels of a ``[H, W]`` bool mask (4-neighbourhood)."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def write_overlay_png(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    mask: np.ndarray,
+    probability: float,
+    caption: str = "",
+    max_size: int = 1024,
+    min_size: int = 512,
+) -> Path:
+    """An RGB preview: ``image`` ``[H, W]`` uint8 (display values) with the mask tinted red, its contour in
+    yellow and ``P(pneumothorax)`` written in the corner; downscaled so the long side is <= ``max_size``,
+    small images enlarged (integer factor, nearest) to at least ``min_size`` so that the text fits."""
+    from PIL import Image, ImageDraw
+
+    image = np.asarray(image)
+    mask = np.asarray(mask) > 0
+    if image.shape != mask.shape or image.ndim != 2:
+        raise ValueError(f"{path}: overlay needs image and mask of the same [H, W], got {image.shape}, {mask.shape}")
+    factor = -(-min_size // max(image.shape))  # ceil
+    if factor > 1:
+        image = np.kron(image, np.ones((factor, factor), image.dtype))
+        mask = np.kron(mask, np.ones((factor, factor), bool))
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array([255.0, 0.0, 0.0])
+    out = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    contour = _contour(mask)
+    scale = min(1.0, max_size / max(image.shape))
+    if scale < 1.0:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        out = out.resize(size, Image.Resampling.BILINEAR)
+        # thin contours vanish when downscaled: dilate in proportion first
+        from scipy import ndimage
+
+        contour = ndimage.binary_dilation(contour, iterations=max(1, round(1 / scale / 2)))
+        contour = np.asarray(Image.fromarray(contour.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    arr = np.asarray(out).copy()
+    arr[contour] = (255, 255, 0)
+    out = Image.fromarray(arr)
+    draw = ImageDraw.Draw(out)
+    text = f"P(pneumothorax) = {probability:.3f}" + (f"  {caption}" if caption else "")
+    draw.rectangle((0, 0, 7 * len(text) + 6, 14), fill=(0, 0, 0))
+    draw.text((3, 2), text, fill=(255, 255, 0))
+    return atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))
+
+
+def _valid_spacing(value: Any) -> list[float] | None:
+    try:
+        spacing = [float(value[0]), float(value[1])]
+    except (TypeError, ValueError, IndexError):
+        return None
+    return spacing if all(np.isfinite(s) and s > 0 for s in spacing) else None
+
+
+def sanitize_source_header(ds: Any) -> tuple[Any, list[float], bool]:
+    """A copy of a source image header that highdicom accepts, its pixel spacing, and whether it was guessed.
+
+    Missing Type 2 patient/study attributes are added empty. Pixel spacing: PixelSpacing if valid,
+    else ImagerPixelSpacing, else 1.0 mm (``guessed = True``): zero or missing spacing would make a SEG
+    that does not validate or read back (its Pixel Measures must be positive).
+    """
+    import copy
+
+    ds = copy.deepcopy(ds)
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    spacing = _valid_spacing(ds.get("PixelSpacing")) or _valid_spacing(ds.get("ImagerPixelSpacing"))
+    guessed = spacing is None
+    return ds, spacing or [1.0, 1.0], guessed
+
+
+def write_dicom_seg(
+    path: str | os.PathLike,
+    source_headers: Sequence[Any],
+    mask: np.ndarray,
+    algorithm_name: str,
+    algorithm_version: str,
+    series_number: int = 9901,
+    uid_seed: str | None = None,
+    source_frame: int | None = None,
+) -> Path:
+    """A BINARY DICOM Segmentation (highdicom) of the pneumothorax over ``source_headers``.
+
+    Args:
+        source_headers: pydicom datasets of the source images (pixel data not needed): one radiograph,
+            or the CT slices in the order of ``mask``'s frames.
+        mask: ``[F, Rows, Columns]`` bool, frame ``f`` on ``source_headers[f]`` (a radiograph: ``F = 1``).
+        algorithm_name, algorithm_version: Algorithm Identification of the segment (bundle name + version).
+        uid_seed: if given, the SEG's Series/SOP Instance UIDs derive from it (stable across re-runs of
+            the same scan); otherwise random.
+        source_frame: 0-based frame of a multi-frame source image that the (single-frame) mask is on; it is
+            recorded as ReferencedFrameNumber of the SEG frame's source (highdicom would reference the file).
+
+    Every frame is kept (``omit_empty_frames=False``), so an empty mask still gives a valid SEG that says
+    "nothing found" for each source image.
+    """
+    import highdicom as hd
+    from highdicom.sr.coding import CodedConcept
+    from pydicom.uid import generate_uid
+
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 3 or mask.shape[0] != len(source_headers):
+        raise ValueError(f"{path}: mask {mask.shape} does not match {len(source_headers)} source image(s)")
+    sources, spacings, guessed = zip(*(sanitize_source_header(ds) for ds in source_headers))
+    if any(guessed):  # highdicom would copy a missing/zero spacing: give it explicitly
+        first = source_headers[0]
+        thickness = float(first.get("SliceThickness") or 1.0) or 1.0
+        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=spacings[0], slice_thickness=thickness)
+    else:
+        pixel_measures = None
+    if not hasattr(sources[0], "ImageOrientationPatient") and pixel_measures is None:
+        # projection radiographs: highdicom's read-back needs explicit pixel measures
+        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=spacings[0], slice_thickness=1.0)
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Pneumothorax",
+        segmented_property_category=CodedConcept(*ABNORMAL_STRUCTURE_CODE),
+        segmented_property_type=CodedConcept(*PNEUMOTHORAX_CODE),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm_name,
+            version=algorithm_version,
+            family=CodedConcept("123110", "DCM", "Artificial Intelligence"),
+        ),
+    )
+
+    def uid(tag: str) -> str:
+        return generate_uid(entropy_srcs=[uid_seed, tag]) if uid_seed else generate_uid()
+
+    seg = hd.seg.Segmentation(
+        source_images=list(sources),
+        pixel_array=mask.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=uid("series"),
+        series_number=series_number,
+        sop_instance_uid=uid("sop"),
+        instance_number=1,
+        manufacturer="pneumoseg",
+        manufacturer_model_name=algorithm_name[:64],
+        software_versions=algorithm_version,
+        device_serial_number="0",
+        pixel_measures=pixel_measures,
+        omit_empty_frames=False,
+        series_description="Pneumothorax segmentation (research use)",
+    )
+    if source_frame is not None:
+        if mask.shape[0] != 1:
+            raise ValueError(f"{path}: source_frame needs a single-frame mask, got {mask.shape[0]} frames")
+        source = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+        source.ReferencedFrameNumber = int(source_frame) + 1
+    return atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
