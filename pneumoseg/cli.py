@@ -1,4 +1,4 @@
-"""Command line: ``pneumoseg demo | synth | manifest | infer ...``.
+"""Command line: ``pneumoseg demo | synth | manifest | infer | bundle ...``.
 
 Each subcommand lives in the module of its concept, which exposes ``add_subcommand(subparsers)``;
 this module only assembles them, so the CLI restates no defaults of its own.
@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "synth": "pneumoseg.data.phantoms",
     "manifest": "pneumoseg.data.manifest",
     "infer": "pneumoseg.inference",
+    "bundle": "pneumoseg.sharing",
 }
 
 
