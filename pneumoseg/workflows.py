@@ -143,6 +143,10 @@ class MultiTaskOutputHandler:
             (default: threshold 0.5, no gate).
         operating_threshold: image-level decision threshold for ``pred_label`` (sensitivity/specificity).
         loss_function: the :class:`MultiTaskLoss` whose last terms are logged (trainer only).
+        decollate: finally split the output into a list of per-image dicts (scalars such as the loss
+            replicated), the form MONAI's trainer handlers expect by default (e.g. the MLflow handler that
+            ``--tracking mlflow`` adds reads ``from_engine(["loss"], first=True)``). Used for the trainer;
+            evaluators keep batched tensors for the metrics.
     """
 
     def __init__(
@@ -150,10 +154,12 @@ class MultiTaskOutputHandler:
         postprocess: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         operating_threshold: float = 0.5,
         loss_function: MultiTaskLoss | None = None,
+        decollate: bool = False,
     ) -> None:
         self.postprocess = postprocess if postprocess is not None else DualOutputPostprocess(0.0, 0.5, 0, 0.5)
         self.operating_threshold = operating_threshold
         self.loss_function = loss_function
+        self.decollate = decollate
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
@@ -186,11 +192,18 @@ class MultiTaskOutputHandler:
         if self.loss_function is not None and self.loss_function.last_terms is not None:
             terms = self.loss_function.last_terms
             new.update(seg_bce=float(terms.seg_bce), seg_dice=float(terms.seg_dice), cls_bce=float(terms.cls_bce))
+        if self.decollate:
+            from monai.data import decollate_batch
+
+            new = decollate_batch(new, detach=True)
         engine.state.output = new
 
 
-def loss_terms(output: Mapping[str, Any]) -> dict[str, float]:
-    """StatsHandler/TensorBoard ``output_transform``: the total loss and its parts as floats."""
+def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """StatsHandler/TensorBoard ``output_transform``: the total loss and its parts as floats (from the
+    first item of a decollated output)."""
+    if isinstance(output, Sequence) and not isinstance(output, Mapping):
+        output = output[0]
     return {k: float(output[k]) for k in ("loss", "seg_bce", "seg_dice", "cls_bce") if k in output}
 
 

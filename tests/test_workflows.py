@@ -98,6 +98,19 @@ def test_output_handler_exposes_plain_tensors():
     assert out["pred_label"].flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
     assert out["label_cls"].flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
     assert set(loss_terms(out)) == {"loss", "seg_bce", "seg_dice", "cls_bce"}
+    # trainer form: one dict per image, scalars replicated (what MONAI's default trainer handlers read)
+    from monai.handlers import from_engine
+
+    engine.state.output = {
+        "label": MultiTaskTarget(masks, (masks.flatten(1).amax(1, keepdim=True) > 0).float()),
+        "pred": SCSEUNetOutput(seg_logits, cls_logits),
+        "loss": total,
+    }
+    MultiTaskOutputHandler(loss_function=loss, decollate=True)(engine)
+    items = engine.state.output
+    assert isinstance(items, list) and len(items) == 4 and items[3]["pred"].shape == (1, 16, 16)
+    assert float(from_engine(["loss"], first=True)(items)) == pytest.approx(float(total))
+    assert loss_terms(items) == pytest.approx(loss_terms(out))
     engine.state.output = {"pred": seg_logits}
     with pytest.raises(TypeError, match="SCSEUNetOutput"):
         MultiTaskOutputHandler()(engine)
