@@ -1,0 +1,222 @@
+"""End-to-end speed and memory of ``pneumoseg infer`` (pneumoseg.inference.BatchInferenceRunner).
+
+In one run, on synthetic phantoms (``pneumoseg.data.phantoms``; nothing downloaded):
+
+* end-to-end scans/s on ``--radiographs`` (>= 200) 1024-px radiograph DICOMs (all output formats),
+  against model-only forward images/s at the same batch size, precision and input size on tensors
+  already in memory; their ratio (target >= 0.8: decoding, pre/post-processing and writing hide behind
+  the model);
+* end-to-end CT volumes/s and slices/s on ``--ct`` (>= 3) DICOM series;
+* peak RSS of a fresh ``pneumoseg infer`` process (main process, and the largest DataLoader worker) on 100
+  vs 400 radiographs (target: within 10%: memory does not grow with the folder).
+
+The network is the bundle's ``network_def`` at the bundle's ``image_size`` with random weights (timing
+does not depend on them). Run::
+
+    .venv/bin/python benchmarks/batch_infer.py                 # ~10-20 min on 2 CPU cores
+    .venv/bin/python benchmarks/batch_infer.py --quick         # smoke run (small images, few scans)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_bundle(root: Path, image_size: int | None) -> Path:
+    """The real bundle's configs + random weights for its ``network_def``."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    real = REPO / "bundles" / "pneumothorax_scse_unet" / "configs"
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "models").mkdir(exist_ok=True)
+    for name in ("inference.json", "metadata.json", "postprocessing.json"):
+        if (real / name).is_file():
+            shutil.copy(real / name, root / "configs" / name)
+    if image_size:
+        config = json.loads((root / "configs" / "inference.json").read_text())
+        config["image_size"] = image_size
+        (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def link_copies(files: list[Path], dest: Path, n: int) -> Path:
+    """``n`` radiographs in ``dest`` as hard links (or copies) cycling over ``files`` (distinct names)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        target = dest / f"img_{i:05d}.dcm"
+        try:
+            os.link(files[i % len(files)], target)
+        except OSError:
+            shutil.copy(files[i % len(files)], target)
+    return dest
+
+
+def model_only(bundle: Path, batch_size: int, fp32: bool, repeats: int) -> float:
+    """Forward images/s of the runner's network wrapper (same precision / channels_last) on random input."""
+    import torch
+
+    from pneumoseg.inference import _precision, _PrecisionWrapper, load_bundle_model, select_device
+
+    device = select_device("auto")
+    model = load_bundle_model(bundle, device)
+    dtype, channels_last = _precision(device, fp32)
+    network = model.network.to(memory_format=torch.channels_last) if channels_last else model.network
+    wrapped = _PrecisionWrapper(network, device, dtype, channels_last)
+    x = torch.rand(batch_size, 1, model.image_size, model.image_size, device=device)
+    with torch.inference_mode():
+        wrapped(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = wrapped(x)
+            torch.sigmoid(out.seg).cpu()
+        return batch_size * repeats / (time.perf_counter() - start)
+
+
+def end_to_end(bundle: Path, inputs: Path, out: Path, args: argparse.Namespace) -> tuple[float, int, dict]:
+    """(seconds of ``run()`` with the model preloaded, processed scans, summary)."""
+    from pneumoseg.inference import BatchInferenceRunner, load_bundle_model
+
+    runner = BatchInferenceRunner(
+        str(bundle), str(inputs), str(out), batch_size=args.batch_size, workers=args.workers, fp32=args.fp32,
+        progress=False,
+    )
+    runner.model = load_bundle_model(bundle, runner.device)
+    start = time.perf_counter()
+    runner.run()
+    seconds = time.perf_counter() - start
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    return seconds, int(summary["processed"]), summary
+
+
+def peak_rss(bundle: Path, inputs: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(main process MiB, largest worker MiB) of a fresh ``pneumoseg infer`` process."""
+    code = (
+        "import resource, sys, json\n"
+        "from pneumoseg.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(json.dumps({'self': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+        " 'children': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+    )
+    command = [sys.executable, "-c", code, "infer", str(inputs), str(out), "--bundle", str(bundle),
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--no-progress"]
+    if args.fp32:
+        command.append("--fp32")
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = [x for x in result.stdout.splitlines() if x.startswith("{")]
+    if not line:
+        raise RuntimeError(f"child run failed: {result.stderr[-2000:]}")
+    rss = json.loads(line[-1])
+    return rss["self"] / 1024, rss["children"] / 1024  # ru_maxrss is KiB on Linux
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--radiographs", type=int, default=200, help="distinct radiographs for the speed run (>= 200)")
+    p.add_argument("--size", type=int, default=1024, help="radiograph size in px (default 1024)")
+    p.add_argument("--ct", type=int, default=3, help="CT series (default 3)")
+    p.add_argument("--ct-size", type=int, default=128, help="CT in-plane size (default 128)")
+    p.add_argument("--ct-slices", type=int, default=48, help="CT slices (default 48)")
+    p.add_argument("--batch-size", type=int, default=8, help="as pneumoseg infer --batch-size (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="as pneumoseg infer --workers (default 2)")
+    p.add_argument("--image-size", type=int, default=None, help="model input size (default: the bundle's)")
+    p.add_argument("--fp32", action="store_true", help="full precision (default: the runner's default)")
+    p.add_argument("--rss", type=int, nargs=2, default=(100, 400), help="scan counts of the RSS runs")
+    p.add_argument("--quick", action="store_true", help="smoke run: 24 radiographs of 256 px, 2 small CTs")
+    p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args()
+    if args.quick:
+        args.radiographs, args.size, args.ct, args.ct_size, args.ct_slices = 24, 256, 2, 64, 8
+        args.image_size = args.image_size or 256
+        args.rss = (12, 48)
+
+    from pneumoseg.data.phantoms import synthesize
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="batch_infer_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        data = work / "data"
+        if not (data / "dicom-images-train").is_dir():
+            synthesize(data, radiographs=args.radiographs, size=args.size, ct=args.ct, ct_size=args.ct_size,
+                       ct_slices=args.ct_slices, overwrite=True)
+        print(f"synthetic data in {time.perf_counter() - t0:.0f} s: {data}", flush=True)
+        bundle = make_bundle(work / "bundle", args.image_size)
+        files = sorted((data / "dicom-images-train").rglob("*.dcm"))
+
+        for out in ("out_rad", "out_ct", "out_rss_a", "out_rss_b"):
+            shutil.rmtree(work / out, ignore_errors=True)
+        seconds, processed, _ = end_to_end(bundle, data / "dicom-images-train", work / "out_rad", args)
+        e2e = processed / seconds
+        print(f"end-to-end radiographs: {processed} in {seconds:.1f} s", flush=True)
+        repeats = max(3, min(20, processed // args.batch_size))
+        model_ips = model_only(bundle, args.batch_size, args.fp32, repeats)
+        ct_seconds, ct_processed, _ = end_to_end(bundle, data / "ct-dicom", work / "out_ct", args)
+        rss = {}
+        for n, name in zip(args.rss, ("rss_a", "rss_b")):
+            folder = link_copies(files, work / f"in_{name}_{n}", n)
+            rss[n] = peak_rss(bundle, folder, work / f"out_{name}", args)
+            print(f"peak RSS at {n} scans: {rss[n][0]:.0f} MiB (+ largest worker {rss[n][1]:.0f} MiB)", flush=True)
+        import torch
+
+        from pneumoseg.inference import _precision, select_device
+
+        dtype, channels_last = _precision(select_device("auto"), args.fp32)
+        a, b = args.rss
+        growth = (rss[b][0] - rss[a][0]) / rss[a][0]
+        results = {
+            "device": str(select_device("auto")),
+            "precision": str(dtype or torch.float32).removeprefix("torch.") + (" + channels_last" * channels_last),
+            "threads": torch.get_num_threads(),
+            "radiograph_size": args.size,
+            "model_input": json.loads((bundle / "configs" / "inference.json").read_text()).get("image_size"),
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "radiographs": processed,
+            "e2e_scans_per_s": round(e2e, 3),
+            "model_images_per_s": round(model_ips, 3),
+            "ratio": round(e2e / model_ips, 3),
+            "ct_volumes": ct_processed,
+            "ct_volumes_per_s": round(ct_processed / ct_seconds, 3),
+            "ct_slices_per_s": round(ct_processed * args.ct_slices / ct_seconds, 2),
+            f"peak_rss_mib_{a}": round(rss[a][0], 1),
+            f"peak_rss_mib_{b}": round(rss[b][0], 1),
+            f"worker_rss_mib_{a}": round(rss[a][1], 1),
+            f"worker_rss_mib_{b}": round(rss[b][1], 1),
+            "rss_growth": round(growth, 4),
+        }
+        print()
+        print("| quantity | value | target |")
+        print("|---|---|---|")
+        targets = {
+            "ratio": ">= 0.8 " + ("PASS" if results["ratio"] >= 0.8 else "MISS"),
+            "rss_growth": "<= 10% " + ("PASS" if abs(growth) <= 0.10 else "MISS"),
+        }
+        for key, value in results.items():
+            print(f"| {key} | {value} | {targets.get(key, '')} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
