@@ -13,7 +13,8 @@ How the two outputs travel through MONAI's ``SupervisedTrainer`` / ``SupervisedE
         "label"      [B,1,H,W] truth mask        "label_cls"  [B,1] 1 if the truth mask is not empty
         "loss", "seg_bce", "seg_dice", "cls_bce" floats (trainer)
 
-so every MONAI metric/handler downstream sees ordinary tensors under ordinary keys.
+so every MONAI metric/handler downstream sees ordinary tensors under ordinary keys (the trainer's handler
+then decollates them into per-image dicts, MONAI's usual trainer output; evaluators keep them batched).
 The rest: inferers (CPU bf16 autocast; slice-by-slice CT with the classification head), handlers
 (gradient clipping, per-epoch re-seeding for exact resume, the last checkpoint, metric logs, the
 post-processing search), the pre-flight check of a manifest and the prediction writer of inference.
