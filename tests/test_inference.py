@@ -392,6 +392,7 @@ def test_rerun_reuses_verified_outputs_and_overwrite_redoes(bundle, mixed, tmp_p
     assert _tree_digest(small) == inputs_before  # inputs are never modified
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(bundle, mixed, reference, tmp_path):
     inputs, _ = mixed
     before = _tree_digest(inputs)

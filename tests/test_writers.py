@@ -1,0 +1,123 @@
+"""Tests for pneumoseg.writers: atomic writes, masks, overlay, DICOM SEG (read back with highdicom)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from pneumoseg.data import phantoms
+from pneumoseg.writers import (
+    TMP_PREFIX,
+    atomic_write,
+    file_digest,
+    remove_stale_temporaries,
+    sanitize_source_header,
+    write_dicom_seg,
+    write_mask_nifti,
+    write_mask_png,
+    write_overlay_png,
+)
+
+
+def _mask(shape, seed=0) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    rng = np.random.default_rng(seed)
+    sl = tuple(slice(int(rng.integers(0, s // 2)), int(rng.integers(s // 2 + 1, s))) for s in shape)
+    m[sl] = True
+    return m
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "a" / "out.txt"
+    atomic_write(target, lambda tmp: tmp.write_text("first"))
+    assert target.read_text() == "first"
+
+    def failing(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+    (target.parent / f"{TMP_PREFIX}123-out.txt").write_text("stale")
+    assert remove_stale_temporaries(target.parent) == 1
+    assert file_digest(target) == {"size": 5, "sha256": __import__("hashlib").sha256(b"first").hexdigest()}
+
+
+def test_mask_png_and_nifti_round_trip(tmp_path):
+    mask = _mask((30, 47))
+    png = write_mask_png(tmp_path / "m.png", mask)
+    back = np.asarray(Image.open(png))
+    assert back.shape == (30, 47) and np.array_equal(back > 0, mask) and set(np.unique(back)) == {0, 255}
+    vol = _mask((9, 11, 5), seed=1)
+    affine = np.array([[-0.7, 0, 0, 10], [0, -0.8, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1]])
+    path = write_mask_nifti(tmp_path / "m.nii.gz", vol, affine)
+    img = nib.load(str(path))
+    assert np.array_equal(np.asarray(img.dataobj) > 0, vol) and np.allclose(img.affine, affine)
+    assert img.get_data_dtype() == np.uint8
+    with pytest.raises(ValueError):
+        write_mask_png(tmp_path / "bad.png", vol)
+
+
+def test_overlay_sizes(tmp_path):
+    image = (np.arange(64 * 80) % 256).astype(np.uint8).reshape(64, 80)
+    path = write_overlay_png(tmp_path / "o.png", image, _mask((64, 80)), 0.73)
+    out = np.asarray(Image.open(path))
+    assert out.ndim == 3 and out.shape[2] == 3 and max(out.shape[:2]) >= 512  # small images enlarged
+    big = np.zeros((2048, 1500), np.uint8)
+    out = np.asarray(Image.open(write_overlay_png(tmp_path / "b.png", big, _mask((2048, 1500)), 0.1)))
+    assert max(out.shape[:2]) == 1024
+    assert (out[..., 0] > out[..., 2]).any()  # the red tint is there
+
+
+def _radiograph(tmp_path: Path, spacing_tag: str | None) -> pydicom.Dataset:
+    case = phantoms.plan_radiographs(1, seed=2, size=48)[0]
+    import dataclasses
+
+    case = dataclasses.replace(case, spacing_tag=spacing_tag)
+    image, _ = phantoms.draw_radiograph_case(case, 2, 48)
+    path = phantoms.write_radiograph_dicom(tmp_path / f"r_{spacing_tag}.dcm", image, case)
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+@pytest.mark.parametrize("spacing", ["PixelSpacing", "ImagerPixelSpacing", None, "zero"])
+def test_seg_of_a_radiograph_reads_back(tmp_path, spacing):
+    ds = _radiograph(tmp_path, "PixelSpacing" if spacing == "zero" else spacing)
+    if spacing == "zero":
+        ds.PixelSpacing = [0, 0]
+    for keyword in ("PatientBirthDate", "AccessionNumber"):  # Type 2 attributes often missing in exports
+        if keyword in ds:
+            delattr(ds, keyword)
+    mask = _mask((ds.Rows, ds.Columns), seed=3)
+    path = write_dicom_seg(tmp_path / "seg.dcm", [ds], mask[None], "Pneumothorax scSE U-Net", "0.1.0", uid_seed="x")
+    seg = hd.seg.segread(path)
+    pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1])
+    assert np.array_equal(pixels[0, ..., 0].astype(bool), mask)
+    measured = [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    expected = {"PixelSpacing": ds.get("PixelSpacing"), "ImagerPixelSpacing": ds.get("ImagerPixelSpacing")}.get(spacing)
+    assert measured == ([float(v) for v in expected] if expected else [1.0, 1.0])
+    again = write_dicom_seg(tmp_path / "seg2.dcm", [ds], mask[None], "n", "1", uid_seed="x")
+    assert pydicom.dcmread(again).SOPInstanceUID == seg.SOPInstanceUID  # stable UIDs per scan
+
+
+def test_empty_mask_seg_and_sanitize_does_not_touch_source(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    original = copy.deepcopy(ds)
+    clean, spacing, guessed = sanitize_source_header(ds)
+    assert ds == original and not guessed and spacing == [float(v) for v in ds.PixelSpacing]
+    empty = np.zeros((1, ds.Rows, ds.Columns), bool)
+    seg = hd.seg.segread(write_dicom_seg(tmp_path / "e.dcm", [ds], empty, "n", "1"))
+    assert not seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1]).any()
+    with pytest.raises(ValueError, match="source image"):
+        write_dicom_seg(tmp_path / "bad.dcm", [ds, ds], empty, "n", "1")
+    assert not os.path.exists(tmp_path / "bad.dcm")
