@@ -242,11 +242,12 @@ class ScanDataset(torch.utils.data.Dataset):
     ``{"index", "error": message, "seconds"}`` when the scan cannot be read (the run goes on).
     """
 
-    def __init__(self, scans: Sequence[Scan], image_size: int, need_headers: bool) -> None:
+    def __init__(self, scans: Sequence[Scan], image_size: int, need_headers: bool, input_dir: str = "") -> None:
         from pneumoseg.data.transforms import ct_inference_transforms, radiograph_inference_transforms
 
         self.scans = list(scans)
         self.need_headers = need_headers
+        self.input_prefix = os.path.join(os.fspath(input_dir), "") if input_dir else ""
         # the project's chains without their first step (the loader): the scan's reader is chosen here
         # (a frame of a multi-frame file, the files of one series), the rest stays MONAI and invertible
         from monai.transforms import Compose
@@ -316,7 +317,10 @@ class ScanDataset(torch.utils.data.Dataset):
                 "seconds": time.perf_counter() - start,
             }
         except Exception as e:  # any failure is this scan's error row; the run goes on
-            message = str(e) if scan.source in str(e) or scan.files[0] in str(e) else f"{scan.source}: {e}"
+            # paths relative to INPUT_DIR, as everywhere in the report (rows must not depend on its spelling)
+            message = str(e).replace(self.input_prefix, "") if self.input_prefix else str(e)
+            if scan.source not in message:
+                message = f"{scan.source}: {message}"
             return {"index": index, "error": f"{type(e).__name__}: {message}", "seconds": time.perf_counter() - start}
 
 
@@ -683,7 +687,9 @@ class BatchInferenceRunner:
 
         self._postprocess = DualOutputPostprocess(params_file=self.model.params_file)
         self._wrapped = _PrecisionWrapper(network, self.device, dtype, channels_last)
-        self._dataset = ScanDataset(todo, self.model.image_size, need_headers="seg" in self.formats)
+        self._dataset = ScanDataset(
+            todo, self.model.image_size, need_headers="seg" in self.formats, input_dir=os.fspath(self.input_dir)
+        )
         loader = torch.utils.data.DataLoader(
             self._dataset,
             batch_size=None,

@@ -278,6 +278,7 @@ def test_mixed_folder_rows_and_outputs(reference, mixed):
         assert row["mask"] and (out / row["mask"]).is_file()
     assert by_id["siteA/img.dcm"]["probability"] != by_id["siteB/img.dcm"]["probability"]
     assert not list(out.rglob(".tmp-*"))
+    assert str(inputs) not in (out / "report.json").read_text()  # paths relative to INPUT_DIR
 
 
 def test_masks_in_source_geometry(reference, mixed):
