@@ -371,15 +371,24 @@ class LastCheckpointSaver:
 
 class ResumeCheckpointLoader(CheckpointLoader):
     """MONAI ``CheckpointLoader`` that also restores the engine it is attached to (under ``engine_key``),
-    since a bundle config can't reference the trainer from the trainer's own handler list."""
+    since a bundle config can't reference the trainer from the trainer's own handler list.
 
-    def __init__(self, load_path: str, load_dict: dict, engine_key: str | None = "trainer", **kwargs: Any) -> None:
-        if not Path(load_path).is_file():
+    ``enabled=False`` makes it a no-op (rather than ``_disabled_`` in the config, which would drop it from
+    the handler list and shift the positions the multi-GPU config slices by).
+    """
+
+    def __init__(
+        self, load_path: str, load_dict: dict, engine_key: str | None = "trainer", enabled: bool = True, **kwargs: Any
+    ) -> None:
+        if enabled and not Path(load_path).is_file():
             raise FileNotFoundError(f"resume: checkpoint {load_path} not found (train without resume first)")
         super().__init__(load_path, dict(load_dict), **kwargs)
         self.engine_key = engine_key
+        self.enabled = enabled
 
     def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
         if self.engine_key:
             self.load_dict[self.engine_key] = engine
         super().attach(engine)
@@ -450,6 +459,8 @@ class PostprocessingSearchHandler:
         grid: optional grid override per parameter (see :data:`pneumoseg.postprocessing.DEFAULT_GRID`).
         baseline: parameters the "before" Dice is computed with (default plain 0.5 thresholding); its
             ``top``/``bottom`` are added to the grid if missing.
+        enabled: ``False`` makes the handler a no-op (keeps handler list positions stable, see
+            :class:`ResumeCheckpointLoader`).
     """
 
     def __init__(
@@ -457,9 +468,11 @@ class PostprocessingSearchHandler:
         params_file: str | None = None,
         grid: Mapping[str, Sequence[float]] | None = None,
         baseline: Mapping[str, float] | None = None,
+        enabled: bool = True,
     ) -> None:
         from pneumoseg.postprocessing import DEFAULT_GRID, PostprocessingParams
 
+        self.enabled = enabled
         self.params_file = params_file
         self.baseline = PostprocessingParams(**(baseline or {}))
         merged = {k: list((grid or {}).get(k, DEFAULT_GRID[k])) for k in DEFAULT_GRID}
@@ -470,6 +483,8 @@ class PostprocessingSearchHandler:
         self.search = PostprocessingSearch(merged)
 
     def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
         engine.add_event_handler(Events.STARTED, lambda _: self.search.reset())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
         engine.add_event_handler(Events.COMPLETED, self._finish)
