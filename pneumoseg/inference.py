@@ -440,6 +440,7 @@ class BatchInferenceRunner:
             or record.get("fingerprint") != self.model.fingerprint
             or record.get("row", {}).get("status") != "ok"
             or not set(self._formats_for(scan)) <= set(record.get("formats", []))
+            or record.get("inputs") != self._input_signature(scan)
         ):
             return None
         for name, digest in record.get("outputs", {}).items():
@@ -451,6 +452,19 @@ class BatchInferenceRunner:
                 return None
         return record
 
+    def _input_signature(self, scan: Scan) -> list[list[Any]]:
+        """``[[path relative to INPUT_DIR, size, mtime_ns], ...]`` of the scan's files: a record made from
+        other or changed inputs (same relative path, e.g. another INPUT_DIR into the same OUTPUT_DIR) is
+        not reused."""
+        signature = []
+        for f in scan.files:
+            try:
+                st = os.stat(f)
+                signature.append([os.path.relpath(f, self.input_dir), st.st_size, st.st_mtime_ns])
+            except OSError:
+                signature.append([os.path.relpath(f, self.input_dir), -1, -1])
+        return signature
+
     def _write_record(self, scan: Scan, row: dict[str, Any], outputs: Sequence[Path], formats: Sequence[str]) -> None:
         folder = self.scan_dir(scan)
         assert self.model is not None
@@ -458,6 +472,7 @@ class BatchInferenceRunner:
             "version": RECORD_VERSION,
             "fingerprint": self.model.fingerprint,
             "formats": list(formats),
+            "inputs": self._input_signature(scan),
             "row": row,
             "outputs": {p.name: file_digest(p) for p in outputs},
         }
@@ -620,15 +635,16 @@ class BatchInferenceRunner:
     def run(self) -> int:
         """Process the shard; write records and the report; 0 if no scan errored, 1 otherwise."""
         started = time.perf_counter()
+        if not self.input_dir.is_dir():
+            raise FileNotFoundError(f"input folder not found: {self.input_dir}")
+        if self.output_dir.resolve().is_relative_to(self.input_dir.resolve()):
+            # the outputs would be found as inputs by the next run
+            raise ValueError(f"OUTPUT_DIR {self.output_dir} must not be inside INPUT_DIR {self.input_dir}")
         if self.model is None:
             self.model = load_bundle_model(self.bundle_root, self.device, self.config_file, self._network)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.input_dir.resolve() == self.output_dir.resolve() or self.output_dir.resolve().is_relative_to(
-            self.input_dir.resolve()
-        ):
-            raise ValueError(f"OUTPUT_DIR {self.output_dir} must not be inside INPUT_DIR {self.input_dir}")
-        self._check_run_file()
         all_scans = discover_scans(self.input_dir, chest_only=self.chest_only)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_run_file()
         if not all_scans:
             print(f"pneumoseg infer: no files found in {self.input_dir}", file=sys.stderr)
         scans = shard_scans(all_scans, self.num_shards, self.shard_id)

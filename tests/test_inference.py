@@ -380,6 +380,16 @@ def test_rerun_reuses_verified_outputs_and_overwrite_redoes(bundle, mixed, tmp_p
     changed = {k for k in now if now[k] != first.get(k)}
     assert changed and all(k.startswith("cr/rle.dcm/") for k in changed)
     _same_rows(_rows(out), rows)
+    # a changed input (here only its mtime) is redone too: records are tied to the input files
+    source = small / "cr" / "mono1.dcm"
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    inputs_before = _tree_digest(small)
+    assert _runner(bundle, small, out).run() == 0
+    later = _tree_digest(out / "scans")
+    changed = {k for k in later if later[k] != now.get(k)}
+    assert changed and all(k.startswith("cr/mono1.dcm/") for k in changed)
+    now = later
     # --overwrite redoes everything
     assert _runner(bundle, small, out, overwrite=True).run() == 0
     again = _tree_digest(out / "scans")
