@@ -114,6 +114,16 @@ def _header_warnings(modality: str, body_part: str) -> list[str]:
     return warnings
 
 
+def _orientation_warning(orientation: Any) -> list[str]:
+    """A warning if the slices are not axial (the model was trained on axial CT slices)."""
+    try:
+        cosines = [float(v) for v in orientation]
+        normal = abs(cosines[0] * cosines[4] - cosines[1] * cosines[3])  # z of row x column cosines
+    except (TypeError, ValueError, IndexError):
+        return []
+    return [] if normal > 0.9 else ["slices are not axial (ImageOrientationPatient); the model saw axial slices"]
+
+
 def _read_header(path: Path) -> tuple[Any | None, str]:
     """(dataset without pixels, "") or (None, reason)."""
     import pydicom
@@ -141,7 +151,7 @@ def discover_scans(input_dir: str | os.PathLike, chest_only: bool = False) -> li
         raise FileNotFoundError(f"input folder not found: {input_dir}")
     scans: list[Scan] = []
     series_files: dict[str, list[Path]] = defaultdict(list)
-    series_info: dict[str, tuple[str, str]] = {}
+    series_info: dict[str, tuple[str, str, list[str]]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = PurePosixPath(path.relative_to(root).as_posix())
         name = path.name
@@ -187,6 +197,13 @@ def discover_scans(input_dir: str | os.PathLike, chest_only: bool = False) -> li
                     )
                 )
                 continue
+            image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+            if "LOCALIZER" in image_type:  # scouts often share the axial series' UID: keep them out of the volume
+                scans.append(
+                    Scan(source, "radiograph", [str(path)], source, status="skipped",
+                         reason=f"{modality} localizer (scout) image", **common)
+                )
+                continue
             if not series_uid:
                 scans.append(
                     Scan(source, "series", [str(path)], source, status="error",
@@ -194,7 +211,9 @@ def discover_scans(input_dir: str | os.PathLike, chest_only: bool = False) -> li
                 )
                 continue
             series_files[series_uid].append(path)
-            series_info.setdefault(series_uid, (modality, body_part))
+            if series_uid not in series_info:
+                orientation = _orientation_warning(ds.get("ImageOrientationPatient"))
+                series_info[series_uid] = (modality, body_part, orientation)
             continue
         if n_frames > 1:
             for frame in range(n_frames):
@@ -206,7 +225,7 @@ def discover_scans(input_dir: str | os.PathLike, chest_only: bool = False) -> li
         scans.append(Scan(source, "radiograph", [str(path)], source, warnings=warnings, **common))
 
     for uid, files in series_files.items():
-        modality, body_part = series_info[uid]
+        modality, body_part, orientation_warning = series_info[uid]
         parent = Path(os.path.commonpath([os.fspath(f.parent) for f in files]))
         rel_parent = parent.relative_to(root).as_posix()
         folder = "" if rel_parent == "." else rel_parent + "/"
@@ -214,7 +233,7 @@ def discover_scans(input_dir: str | os.PathLike, chest_only: bool = False) -> li
         source = folder.rstrip("/") or "."
         scans.append(
             Scan(scan_id, "series", [str(f) for f in sorted(files)], source, series_uid=uid, modality=modality,
-                 body_part=body_part, warnings=_header_warnings(modality, body_part))
+                 body_part=body_part, warnings=_header_warnings(modality, body_part) + orientation_warning)
         )
 
     for scan in scans:

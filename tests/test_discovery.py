@@ -47,6 +47,10 @@ def test_kinds_reasons_and_unique_names(tmp_path):
     uid = generate_uid()
     for k in range(3):
         _dicom(root / "ct" / f"s{k}.dcm", "CT", SeriesInstanceUID=uid, ImagePositionPatient=[0, 0, k])
+    _dicom(root / "ct" / "scout.dcm", "CT", SeriesInstanceUID=uid, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    sag = generate_uid()
+    for k in range(2):
+        _dicom(root / "sag" / f"s{k}.dcm", "CT", SeriesInstanceUID=sag, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     _dicom(root / "x" / "frames.dcm", "DX", frames=3)
     _dicom(root / "x" / "enhanced.dcm", "CT", frames=4)
     _dicom(root / "x" / "sr.dcm", "SR", rows=None)
@@ -67,6 +71,9 @@ def test_kinds_reasons_and_unique_names(tmp_path):
     assert by_id["a/img.dcm"].kind == by_id["b/img.dcm"].kind == "radiograph"
     series = by_id[f"ct/series-{uid}"]
     assert series.kind == "series" and len(series.files) == 3 and series.source == "ct"
+    assert not series.warnings
+    assert by_id["ct/scout.dcm"].status == "skipped" and "localizer" in by_id["ct/scout.dcm"].reason
+    assert "not axial" in by_id[f"sag/series-{sag}"].warnings[0]
     assert [by_id[f"x/frames.dcm@frame{i:04d}"].frame for i in range(3)] == [0, 1, 2]
     assert by_id["x/enhanced.dcm"].status == "skipped" and "multi-frame" in by_id["x/enhanced.dcm"].reason
     assert by_id["x/sr.dcm"].status == "skipped" and "SR" in by_id["x/sr.dcm"].reason
