@@ -751,9 +751,17 @@ class BatchInferenceRunner:
             if not batch:
                 return ""
             t0 = time.perf_counter()
-            seg, cls = self._forward_2d([b["image"] for b in batch])
-            share = (time.perf_counter() - t0) / len(batch)
             message = ""
+            try:
+                seg, cls = self._forward_2d([b["image"] for b in batch])
+            except Exception as e:  # e.g. out of memory: these scans error, the run goes on
+                logger.exception("forward pass failed")
+                for b in batch:
+                    scan, error = todo[b["index"]], f"forward pass failed ({type(e).__name__}: {e})"
+                    message = message or submit(scan, lambda s=scan, m=error, t=b["seconds"]: self._error_row(s, m, t))
+                batch.clear()
+                return message
+            share = (time.perf_counter() - t0) / len(batch)
             for i, b in enumerate(batch):
                 scan = todo[b["index"]]
                 message = message or submit(
@@ -769,9 +777,17 @@ class BatchInferenceRunner:
                     stop = submit(scan, lambda s=scan, it=item: self._error_row(s, it["error"], it["seconds"]))
                 elif scan.is_volume:
                     t0 = time.perf_counter()
-                    seg, cls = self._forward_3d(item["image"])
-                    seconds = item["seconds"] + time.perf_counter() - t0
-                    stop = submit(scan, lambda s=scan, it=item, sg=seg, c=cls, t=seconds: self._finish(s, it, sg, c, t))
+                    try:
+                        seg, cls = self._forward_3d(item["image"])
+                    except Exception as e:  # e.g. out of memory on a huge series
+                        logger.exception("%s: forward pass failed", scan.source)
+                        error = f"forward pass failed ({type(e).__name__}: {e})"
+                        stop = submit(scan, lambda s=scan, m=error, t=item["seconds"]: self._error_row(s, m, t))
+                    else:
+                        seconds = item["seconds"] + time.perf_counter() - t0
+                        stop = submit(
+                            scan, lambda s=scan, it=item, sg=seg, c=cls, t=seconds: self._finish(s, it, sg, c, t)
+                        )
                 else:
                     batch.append(item)
                     if len(batch) >= self.batch_size:
