@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pneumoseg.losses import FusedMultiTaskLoss
 from pneumoseg.networks import (
@@ -55,6 +56,8 @@ def test_unpadded_mode_rejects_bad_sizes_naming_the_nearest_valid_one():
 def test_scse_matches_hand_computation():
     torch.manual_seed(1)
     block = SCSEBlock(spatial_dims=2, channels=4, reduction=2)
+    torch.nn.init.normal_(block.sse.conv.weight)  # the sSE conv starts at zero; make its gate non-trivial
+    torch.nn.init.normal_(block.sse.conv.bias)
     x = torch.randn(2, 4, 3, 5)
     w1, b1 = block.cse.fc1.weight, block.cse.fc1.bias  # [2, 4], [2]
     w2, b2 = block.cse.fc2.weight, block.cse.fc2.bias  # [4, 2], [4]
@@ -87,6 +90,33 @@ def test_every_encoder_stage_and_decoder_block_is_scse_corrected():
     assert len(net.encoder.scse) == 5
     assert len(net.decoder.blocks) == 5
     assert all(isinstance(block.scse, SCSEBlock) for block in net.decoder.blocks)
+
+
+def test_sse_gate_starts_at_one_half():
+    block = SCSEBlock(spatial_dims=2, channels=8)
+    x = torch.rand(1, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(block.sse(x), 0.5 * x)
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, (128, 192)), (3, (64, 64, 128))])
+def test_hypercolumn_head_equals_reduce_of_the_concatenated_upsampled_outputs(spatial_dims, size):
+    """The head avoids materialising the hypercolumn; it must equal the patent's literal recipe:
+    up-sample every decoder output to the finest resolution, concatenate, then reduce."""
+    torch.manual_seed(0)
+    channels = (256, 128, 64, 32, 16) if spatial_dims == 2 else SMALL_DECODER
+    net = SCSEUNet(spatial_dims=spatial_dims, decoder_channels=channels).eval()
+    head = net.seg_head
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    with torch.no_grad():
+        decoded = net.decoder(net.encoder(torch.randn(1, 1, *size)))
+        finest = decoded[-1]
+        upsampled = [F.interpolate(d, size=finest.shape[2:], mode=mode, align_corners=False) for d in decoded[:-1]]
+        hypercolumn = torch.cat([*upsampled, finest], dim=1)
+        assert hypercolumn.shape[1] == sum(channels)
+        literal = F.interpolate(head.out(head.reduce(hypercolumn)), scale_factor=2.0, mode=mode, align_corners=False)
+        torch.testing.assert_close(head(decoded), literal, rtol=1e-4, atol=1e-5)
+        assert literal.shape[2:] == size
 
 
 def test_hypercolumn_flag_switches_fusion():
