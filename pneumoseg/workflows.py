@@ -444,6 +444,8 @@ class MetricsLogger:
 def _as_number(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()
+    elif isinstance(value, (np.ndarray, np.generic)):  # e.g. ROCAUC gives numpy.float32, which json refuses
+        value = value.item() if np.size(value) == 1 else value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN
     return value

@@ -32,6 +32,7 @@ from pneumoseg.workflows import (
     MultiTaskOutputHandler,
     MultiTaskPrepareBatch,
     MultiTaskTarget,
+    MetricsLogger,
     check_datalist,
     loss_terms,
 )
@@ -307,3 +308,13 @@ def test_check_datalist_names_bad_entries(tmp_path: Path):
         check_datalist(manifest, "test")
     with pytest.raises(DatalistError, match="manifest not found"):
         check_datalist(tmp_path / "nope.json")
+
+
+def test_metrics_logger_writes_json_for_numpy_torch_and_nan(tmp_path: Path):
+    metrics = {"auc": np.float32(0.75), "dice": torch.tensor(0.5), "nan": float("nan"), "n": 3}
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=2, metrics=metrics))
+    logger = MetricsLogger(str(tmp_path / "history.jsonl"))
+    logger(engine)
+    logger(engine)
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert lines == [{"epoch": 2, "auc": 0.75, "dice": 0.5, "nan": None, "n": 3}] * 2
