@@ -28,11 +28,11 @@ from pneumoseg.workflows import (
     DatalistError,
     DualOutputSliceInferer,
     EpochSeedHandler,
+    MetricsLogger,
     MultiTaskLoss,
     MultiTaskOutputHandler,
     MultiTaskPrepareBatch,
     MultiTaskTarget,
-    MetricsLogger,
     check_datalist,
     loss_terms,
 )
