@@ -99,7 +99,8 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:
     if mask.ndim != 2:
         raise ValueError(f"{path}: PNG mask must be [H, W], got shape {mask.shape}")
     image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    # level 1: masks compress well anyway, and zlib's default level costs ~5x the time for ~10% smaller files
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
 def write_mask_nifti(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> Path:
@@ -170,7 +171,7 @@ def write_overlay_png(
     text = f"P(pneumothorax) = {probability:.3f}" + (f"  {caption}" if caption else "")
     draw.rectangle((0, 0, 7 * len(text) + 6, 14), fill=(0, 0, 0))
     draw.text((3, 2), text, fill=(255, 255, 0))
-    return atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: out.save(tmp, format="PNG", compress_level=1))  # a preview: speed first
 
 
 def _valid_spacing(value: Any) -> list[float] | None:
