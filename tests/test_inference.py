@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoseg.data import phantoms
@@ -116,6 +117,13 @@ def make_mixed_folder(root: Path) -> dict[str, str]:
     expected["junk/notes.txt"] = "skipped"
     _write_sr(root / "junk" / "report_sr.dcm")
     expected["junk/report_sr.dcm"] = "skipped"
+    nib.save(nib.Nifti1Image(np.zeros((SIZE, SIZE), np.int16), np.eye(4)), str(root / "junk" / "flat.nii.gz"))
+    expected["junk/flat.nii.gz"] = "error"  # wrong dimensions: a 2D NIfTI is not a CT volume
+    mpeg = pydicom.dcmread(root / "cr" / "rle.dcm")
+    mpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder installed
+    mpeg.PixelData = encapsulate([b"\x00" * 256])
+    mpeg.save_as(root / "junk" / "mpeg2.dcm")
+    expected["junk/mpeg2.dcm"] = "error"
     nan = np.zeros((SIZE, SIZE, 3), np.float32)
     nan[3, 3, 1] = np.nan
     nib.save(nib.Nifti1Image(nan, np.eye(4)), str(root / "junk" / "nan.nii.gz"))
@@ -255,6 +263,8 @@ def test_mixed_folder_rows_and_outputs(reference, mixed):
     assert "corrupt or truncated" in by_id["junk/corrupt.dcm"]["reason"]
     assert "truncated.dcm" in by_id["junk/truncated.dcm"]["reason"]
     assert "NaN" in by_id["junk/nan.nii.gz"]["reason"]
+    assert "3D volume" in by_id["junk/flat.nii.gz"]["reason"]
+    assert "1.2.840.10008.1.2.4.100" in by_id["junk/mpeg2.dcm"]["reason"]
     assert "SR" in by_id["junk/report_sr.dcm"]["reason"]
     assert "not a DICOM" in by_id["junk/notes.txt"]["reason"]
     assert "HAND" in by_id["cr/hand.dcm"]["warnings"]
