@@ -8,7 +8,9 @@ In one run, on synthetic phantoms (``pneumoseg.data.phantoms``; nothing download
   the model);
 * end-to-end CT volumes/s and slices/s on ``--ct`` (>= 3) DICOM series;
 * peak RSS of a fresh ``pneumoseg infer`` process (main process, and the largest DataLoader worker) on 100
-  vs 400 radiographs (target: within 10%: memory does not grow with the folder).
+  vs 400 radiographs (target: within 10%: memory does not grow with the folder); these two runs use a
+  small model input (``--rss-image-size``, default 128 px) to save time: the decoding of the 1024-px
+  files, the SEG and overlay writing and the bookkeeping, which are what could grow, are unchanged.
 
 The network is the bundle's ``network_def`` at the bundle's ``image_size`` with random weights (timing
 does not depend on them). Run::
