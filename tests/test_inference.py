@@ -498,6 +498,17 @@ def test_empty_folder_and_cli(bundle, tmp_path, capsys):
     assert "no files found" in capsys.readouterr().err
     assert _rows(out) == []
     assert main(["infer", str(tmp_path / "missing"), str(out), "--bundle", str(bundle)]) == 2
+    # the same runner from a bundle config (what configs/inference.json does with _target_)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({
+        "runner": {"_target_": "pneumoseg.inference.BatchInferenceRunner", "bundle_root": str(bundle),
+                   "input_dir": str(empty), "output_dir": str(tmp_path / "from_config"), "device": "cpu",
+                   "progress": False},
+        "run": "$@runner.run()",
+    })
+    assert parser.get_parsed_content("run") == 0
+    assert (tmp_path / "from_config" / "report.json").is_file()
     assert main(["infer", str(empty), str(out), "--bundle", str(tmp_path / "no_bundle")]) == 2
     assert main(["infer", str(empty), str(out), "--bundle", str(bundle), "--formats", "nifti,jpeg"]) == 2
 
