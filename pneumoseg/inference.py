@@ -682,9 +682,9 @@ class BatchInferenceRunner:
             name = shard_report_name(self.shard_id, self.num_shards)
             write_report(self.output_dir, rows.values(), summary, name=name)
             print(f"shard {self.shard_id}/{self.num_shards}: " + summary_line(summary))
-            if len(find_shard_reports([self.output_dir])) == self.num_shards:
+            if len(find_shard_reports([self.output_dir], self.num_shards)) == self.num_shards:
                 try:
-                    _, merged = merge_reports(self.output_dir)
+                    _, merged = merge_reports(self.output_dir, num_shards=self.num_shards)
                     print("all shards done: " + summary_line(merged) + f"; report: {self.output_dir / 'report.csv'}")
                 except Exception as e:  # another rank merging at the same moment, or a stale shard report
                     logger.warning("could not merge shard reports yet (%s); run --merge-reports", e)
@@ -706,6 +706,8 @@ class BatchInferenceRunner:
         self._dataset = ScanDataset(
             todo, self.model.image_size, need_headers="seg" in self.formats, input_dir=os.fspath(self.input_dir)
         )
+        # torch's DataLoader with batch_size=None: items are whole scans of mixed kinds, batched here (2D) or
+        # slice-wise (3D); MONAI's DataLoader would only add collation and seeding, both unused
         loader = torch.utils.data.DataLoader(
             self._dataset,
             batch_size=None,

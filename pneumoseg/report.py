@@ -148,8 +148,11 @@ def shard_report_name(shard_id: int, num_shards: int) -> str:
     return f"report.shard-{shard_id:03d}-of-{num_shards:03d}"
 
 
-def find_shard_reports(folders: Iterable[str | os.PathLike]) -> dict[int, tuple[int, Path]]:
-    """``{shard_id: (num_shards, path)}`` of the shard reports in ``folders``; duplicates raise."""
+def find_shard_reports(
+    folders: Iterable[str | os.PathLike], num_shards: int | None = None
+) -> dict[int, tuple[int, Path]]:
+    """``{shard_id: (num_shards, path)}`` of the shard reports in ``folders`` (only those of ``num_shards``
+    shards if given, e.g. to ignore an earlier run with another shard count); duplicates raise."""
     found: dict[int, tuple[int, Path]] = {}
     for folder in folders:
         for path in sorted(Path(folder).glob("report.shard-*-of-*.json")):
@@ -157,6 +160,8 @@ def find_shard_reports(folders: Iterable[str | os.PathLike]) -> dict[int, tuple[
             if not match:
                 continue
             shard, total = int(match.group(1)), int(match.group(2))
+            if num_shards is not None and total != num_shards:
+                continue
             if shard in found and found[shard][1].resolve() != path.resolve():
                 raise ReportMergeError(f"shard {shard} reported twice: {found[shard][1]} and {path}")
             found[shard] = (total, path)
@@ -164,16 +169,20 @@ def find_shard_reports(folders: Iterable[str | os.PathLike]) -> dict[int, tuple[
 
 
 def merge_reports(
-    destination: str | os.PathLike, sources: Sequence[str | os.PathLike] = (), require_complete: bool = True
+    destination: str | os.PathLike,
+    sources: Sequence[str | os.PathLike] = (),
+    require_complete: bool = True,
+    num_shards: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Merge the shard reports found in ``destination`` and ``sources`` into ``destination/report.{csv,json}``.
 
     All shards ``0..K-1`` of one shard count ``K`` must be present exactly once (else
     :class:`ReportMergeError` naming what is missing), and no scan may appear in two shards. The merged
-    rows are sorted by ``scan_id``: identical to an unsharded run's. Timing in the summary: the sum of the
+    rows are sorted by ``scan_id``: identical to an unsharded run's. ``num_shards``: consider only reports
+    of that shard count. Timing in the summary: the sum of the
     shards' processed counts over the longest shard's wall time (shards run in parallel).
     """
-    found = find_shard_reports([destination, *sources])
+    found = find_shard_reports([destination, *sources], num_shards)
     if not found:
         where = [str(destination), *map(str, sources)]
         raise ReportMergeError(f"no shard reports (report.shard-*-of-*.json) in {where}")

@@ -70,5 +70,8 @@ def test_merge_shards_equals_whole_and_detects_problems(tmp_path):
     write_report(tmp_path / "four", rows[:1], summarize(rows[:1]), name=shard_report_name(1, 4))
     with pytest.raises(ReportMergeError, match="different shard counts"):
         merge_reports(tmp_path / "dest", [tmp_path / "four"])
+    part = [r for i, r in enumerate(rows) if i % 3 == 1]
+    write_report(tmp_path / "dest", part, summarize(part), name=shard_report_name(1, 3))
+    assert merge_reports(tmp_path / "dest", [tmp_path / "four"], num_shards=3)[0] == whole  # others ignored
     with pytest.raises(ReportMergeError, match="no shard reports"):
         merge_reports(tmp_path / "empty")
