@@ -51,6 +51,7 @@ __all__ = [
     "check_checksums",
     "check_expression",
     "check_config",
+    "check_contents",
     "check_logging_conf",
     "checksum_manifest",
     "verify_bundle",
@@ -329,6 +330,31 @@ def check_checksums(bundle: BundleFiles) -> list[str]:
     for name in sorted(present & set(listed)):
         if hashlib.sha256(bundle.files[name]).hexdigest() != listed[name]:
             problems.append(f"{name}: SHA-256 differs from {CHECKSUM_FILE}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- contents
+CONTENT_RULES: Mapping[str, tuple[str, ...]] = {
+    "configs/": (".json", ".conf", ".yaml", ".yml"),
+    "models/": (".pt", ".pth", ".ts", ".onnx"),
+    "docs/": (".md", ".txt", ".png", ".jpg", ".jpeg", ".svg", ".pdf"),
+}
+TOP_LEVEL_FILES = frozenset({"LICENSE", "LICENSE.txt", "README.md", "README.txt", CHECKSUM_FILE})
+
+
+def check_contents(names: list[str]) -> list[str]:
+    """Files outside the bundle layout, e.g. Python modules: running ``python -m monai.bundle`` from the
+    bundle folder puts it first on ``sys.path``, so a ``pneumoseg.py`` or ``torch/`` there would replace the
+    real package, and a ``scripts/`` folder is code the configs may import."""
+    problems = []
+    for name in names:
+        folder = next((f for f in CONTENT_RULES if name.startswith(f)), None)
+        if folder is None and name not in TOP_LEVEL_FILES:
+            problems.append(f"{name}: not part of the bundle layout (configs/, models/, docs/, LICENSE)")
+        elif folder is not None and not name.lower().endswith(CONTENT_RULES[folder]):
+            problems.append(f"{name}: unexpected file type in {folder}")
+        elif folder is not None and folder != "docs/" and "/" in name[len(folder) :]:
+            problems.append(f"{name}: sub-folder in {folder}")
     return problems
 
 
@@ -931,6 +957,11 @@ def verify_bundle(path: str | os.PathLike, trust: bool = False) -> VerifyReport:
     if not files:
         return report
     report.add("checksums", CHECKSUM_FILE, check_checksums(bundle), f"{len(files) - 1} files match")
+    problems = check_contents(sorted(files))
+    if trust and problems:
+        report.add("contents", "bundle layout", [], skip=f"--trust: {len(problems)} findings ignored: {problems[0]}")
+    else:
+        report.add("contents", "bundle layout", problems, "configs/, models/, docs/, LICENSE only; no code files")
 
     # configs: JSON only (YAML cannot be screened here)
     configs: dict[str, Any] = {}
