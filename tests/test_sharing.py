@@ -296,8 +296,10 @@ def _zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> P
         ({"b/configs/metadata.json": b"{}", "b/../x": b"x"}, None, "'..' in member path"),
         ({"b/configs/metadata.json": b"{}", "/tmp/abs_x": b"x"}, None, "absolute member path"),
         ({"b/configs/metadata.json": b"{}"}, "b/models/model.pt", "symbolic link"),
+        ({"b/configs/metadata.json": b"{}", "b//x": b"x"}, None, "empty or '.' path component"),
+        ({"b/configs/metadata.json": b"{}", "b/configs/METADATA.json": b"{}"}, None, "duplicate member"),
     ],
-    ids=["dotdot", "absolute", "symlink"],
+    ids=["dotdot", "absolute", "symlink", "empty-component", "case-duplicate"],
 )
 def test_unsafe_archive_is_rejected_and_nothing_is_written(members, symlink, problem, tmp_path: Path):
     archive = _zip(tmp_path / "evil.zip", members, symlink)
@@ -415,3 +417,12 @@ def test_batch_inference_runner_runs_the_exported_models(received: Path, site_ma
     for name, tolerance in (("model.ts", 1e-4), ("model.onnx", 1e-3)):
         assert probabilities[name].keys() == reference.keys()
         assert max(abs(probabilities[name][k] - reference[k]) for k in reference) <= tolerance, name
+
+
+def test_zip_members_without_file_type_bits_are_regular_files(tmp_path: Path):
+    """Python's ``writestr`` and many zip tools store permissions only; that is not a special file."""
+    from pneumoseg.sharing.verify import check_archive
+
+    archive = _zip(tmp_path / "plain.zip", {"b/configs/metadata.json": b"{}", "b/docs/README.md": b"# x"})
+    problems, bundle = check_archive(archive)
+    assert problems == [] and sorted(bundle.files) == ["configs/metadata.json", "docs/README.md"]

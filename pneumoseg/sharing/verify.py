@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import functools
 import hashlib
 import io
 import json
@@ -228,9 +229,12 @@ def _member_problems(info: zipfile.ZipInfo) -> list[str]:
         problems.append("'..' in member path")
     if "\x00" in name:
         problems.append("NUL in member name")
-    if stat.S_ISLNK(mode):
+    if any(part in ("", ".") for part in name.rstrip("/").split("/")[1:]):
+        problems.append("empty or '.' path component")
+    kind = stat.S_IFMT(mode)  # 0 when the writer stored permissions only (Python's writestr does)
+    if kind == stat.S_IFLNK:
         problems.append("symbolic link")
-    elif mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    elif kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         problems.append(f"special file (mode {oct(mode)})")
     if info.flag_bits & 0x1:
         problems.append("encrypted member")
@@ -250,8 +254,9 @@ def check_archive(path: str | os.PathLike) -> tuple[list[str], BundleFiles]:
     with archive:
         infos = archive.infolist()
         names = [i.filename for i in infos]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        problems += [f"{n}: duplicate member" for n in duplicates]
+        folded = [n.casefold() for n in names]  # case-insensitive file systems would merge these
+        duplicates = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+        problems += [f"{n}: duplicate member (ignoring case)" for n in duplicates]
         total = sum(i.file_size for i in infos)
         if total > MAX_UNCOMPRESSED:
             problems.append(f"{total} bytes uncompressed exceeds {MAX_UNCOMPRESSED}")
@@ -607,6 +612,14 @@ def _check_target(target: str, locator: Any) -> list[str]:
     return [f"_target_ {problem}"] if problem else []
 
 
+@functools.lru_cache(maxsize=1)
+def _component_locator() -> Any:
+    """MONAI's own map of bare ``_target_`` names to modules (scans MONAI once)."""
+    from monai.bundle import ComponentLocator
+
+    return ComponentLocator()
+
+
 def _walk(node: Any, where: str = "") -> Iterator[tuple[str, str | None, Any]]:
     """(location, dict key or None, value) for every value of a JSON tree."""
     if isinstance(node, dict):
@@ -627,12 +640,7 @@ def check_config(name: str, config: Any, names: Mapping[str, str] | None = None)
     Returns (problems "location: problem", listing rows (location, kind, text, verdict)).
     ``names`` are import bindings from other configs of the bundle (MONAI merges config files).
     """
-    try:
-        from monai.bundle import ComponentLocator
-
-        locator = ComponentLocator()
-    except ImportError:  # pragma: no cover - monai is a dependency
-        locator = None
+    locator = _component_locator()
     bound = dict(names or {})
     for _, _, value in _walk(config):
         if isinstance(value, str) and value.startswith("$") and "import" in value:
