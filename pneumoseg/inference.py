@@ -228,7 +228,8 @@ def _identity(item: Any) -> Any:
 def _display_uint8(image: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Display values -> uint8 by the given range (default: the 0.5 / 99.5 percentiles)."""
     if lo is None or hi is None:
-        lo, hi = (float(v) for v in np.percentile(image, PERCENTILES))
+        # every 4th pixel per axis: plenty for a display window, 16x cheaper than the full image
+        lo, hi = (float(v) for v in np.percentile(image[..., ::4, ::4], PERCENTILES))
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     return ((image - lo) * scale).clip(0, 255).astype(np.uint8)
 

@@ -151,22 +151,24 @@ def write_overlay_png(
     if factor > 1:
         image = np.kron(image, np.ones((factor, factor), image.dtype))
         mask = np.kron(mask, np.ones((factor, factor), bool))
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
-    rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array([255.0, 0.0, 0.0])
-    out = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
     contour = _contour(mask)
+    base = Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    mask_img = Image.fromarray(mask.astype(np.uint8) * 255)
+    contour_img = Image.fromarray(contour.astype(np.uint8) * 255)
     scale = min(1.0, max_size / max(image.shape))
     if scale < 1.0:
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        out = out.resize(size, Image.Resampling.BILINEAR)
+        base = base.resize(size, Image.Resampling.BILINEAR)
+        mask_img = mask_img.resize(size, Image.Resampling.NEAREST)
         # thin contours vanish when downscaled: dilate in proportion first
         from scipy import ndimage
 
-        contour = ndimage.binary_dilation(contour, iterations=max(1, round(1 / scale / 2)))
-        contour = np.asarray(Image.fromarray(contour.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
-    arr = np.asarray(out).copy()
-    arr[contour] = (255, 255, 0)
-    out = Image.fromarray(arr)
+        thick = ndimage.binary_dilation(contour, iterations=max(1, round(1 / scale / 2)))
+        contour_img = Image.fromarray(thick.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    # PIL's C compositing: a 1024-px preview costs a few ms instead of tens in float numpy
+    tinted = Image.blend(base, Image.new("RGB", base.size, (255, 0, 0)), 0.4)
+    out = Image.composite(tinted, base, mask_img)
+    out.paste((255, 255, 0), mask=contour_img)
     draw = ImageDraw.Draw(out)
     text = f"P(pneumothorax) = {probability:.3f}" + (f"  {caption}" if caption else "")
     draw.rectangle((0, 0, 7 * len(text) + 6, 14), fill=(0, 0, 0))
