@@ -426,3 +426,38 @@ def test_zip_members_without_file_type_bits_are_regular_files(tmp_path: Path):
     archive = _zip(tmp_path / "plain.zip", {"b/configs/metadata.json": b"{}", "b/docs/README.md": b"# x"})
     problems, bundle = check_archive(archive)
     assert problems == [] and sorted(bundle.files) == ["configs/metadata.json", "docs/README.md"]
+
+
+class _Payload:
+    """Pickles as a call of ``os.system``: what a hostile "checkpoint" looks like."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_weights_with_code_in_the_pickle_fail_and_never_run(tmp_path: Path):
+    from pneumoseg.sharing.verify import check_weights
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt"
+    torch.save({"conv.weight": torch.zeros(1), "x": _Payload(f"touch {marker}")}, path)
+    problems, state = check_weights("models/model.pt", path.read_bytes())
+    assert state is None and any("system" in p for p in problems), problems
+    assert not marker.exists()
+
+
+def test_pickle_and_full_load_arguments_in_configs_fail(tmp_path: Path):
+    root = _config_bundle(tmp_path / "b", {"reader": {"_target_": "NumpyReader", "allow_pickle": True},
+                                           "cache": {"_target_": "PersistentDataset", "data": [], "transform": None,
+                                                     "cache_dir": "cache", "weights_only": False}})  # fmt: skip
+    failed = [c.detail for c in verify_bundle(root).checks if c.status == "FAIL"]
+    assert len(failed) == 2 and "allow_pickle" in failed[0] and "weights_only" in failed[1], failed
+
+
+def test_trust_loads_and_runs_torchscript(received: Path):
+    report = verify_bundle(received, trust=True)
+    row = next(c for c in report.checks if c.check == "torchscript")
+    assert report.ok and row.status == "PASS" and row.detail.startswith("--trust: loaded")

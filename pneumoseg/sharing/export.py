@@ -206,15 +206,19 @@ def _equivalence(network, exported: Mapping[str, bytes], size: int, channels: in
     return diffs
 
 
-def _release_notes(root: Path, meta: Mapping[str, Any], threshold: Any, summary: ExportSummary) -> tuple[str, dict]:
-    """Model-card section of this release and the validation metrics found (``eval/metrics.json``)."""
-    metrics: dict[str, Any] = {}
+def _validation_metrics(root: Path, summary: ExportSummary) -> dict[str, Any]:
+    """``eval/metrics.json`` of ``evaluate.json`` without its path entries (checkpoint, manifest)."""
     metrics_file = root / "eval" / "metrics.json"
-    if metrics_file.is_file():
-        raw = json.loads(metrics_file.read_text())
-        metrics = {k: v for k, v in raw.items() if k not in _PATH_METRIC_KEYS and isinstance(v, (int, float, str))}
-    else:
+    if not metrics_file.is_file():
         summary.warnings.append("eval/metrics.json not found: run evaluate.json before exporting to report metrics")
+        return {}
+    raw = json.loads(metrics_file.read_text())
+    return {k: v for k, v in raw.items() if k not in _PATH_METRIC_KEYS and isinstance(v, (int, float, str))}
+
+
+def _release_notes(root: Path, meta: Mapping[str, Any], metrics: Mapping[str, Any], threshold: Any,
+                   summary: ExportSummary) -> str:  # fmt: skip
+    """Model-card section of this release: version, changelog, metrics, thresholds, export accuracy."""
     pp_file = root / "configs" / "postprocessing.json"
     pp = json.loads(pp_file.read_text()) if pp_file.is_file() else {}
     lines = [
@@ -248,7 +252,7 @@ def _release_notes(root: Path, meta: Mapping[str, Any], threshold: Any, summary:
     ]
     if not metrics:
         lines.insert(9, "(none recorded)")
-    return "\n".join(lines), metrics
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -292,6 +296,11 @@ def export_bundle(
                 data = (json.dumps(stripped, indent=4) + "\n").encode()
         files[name] = data
     meta = json.loads(files["configs/metadata.json"])
+    metrics = _validation_metrics(root, summary)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k.startswith("val_")}
+    if numeric:  # the card's metrics, measured, instead of the placeholders
+        meta["eval_metrics"] = {**meta.get("eval_metrics", {}), **numeric}
+        files["configs/metadata.json"] = (json.dumps(meta, indent=4) + "\n").encode()
     network, size, threshold, channels = _network_and_settings(root, config_file, image_size)
     exported = {"models/model.ts": _export_torchscript(network, meta, files[config_file])}
     if onnx:
@@ -301,15 +310,11 @@ def export_bundle(
     if worst:
         raise ValueError(f"{root}: exports differ from the checkpoint by {worst} (max 1e-3)")
     files.update(exported)
-    notes, metrics = _release_notes(root, meta, threshold, summary)
+    notes = _release_notes(root, meta, metrics, threshold, summary)
     if "docs/README.md" in files:
         files["docs/README.md"] = files["docs/README.md"].rstrip(b"\n") + b"\n" + notes.encode()
     else:
         files["docs/README.md"] = f"# {meta.get('name', root.name)}\n{notes}".encode()
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k.startswith("val_")}
-    if numeric:  # the card's metrics, measured, instead of the placeholders
-        meta["eval_metrics"] = {**meta.get("eval_metrics", {}), **numeric}
-        files["configs/metadata.json"] = (json.dumps(meta, indent=4) + "\n").encode()
     files[CHECKSUM_FILE] = checksum_manifest(files).encode()
     summary.files = {n: hashlib.sha256(d).hexdigest() for n, d in sorted(files.items())}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,8 @@ BLOCKED_NAMES: frozenset[str] = frozenset(
         "numpy.lib.format",
         # MONAI: downloads, nested config parsing, dynamic imports, subprocesses
         "monai.bundle",
+        "monai.auto3dseg",  # pickle.loads of algorithm objects
+        "monai.apps.auto3dseg",
         "monai.apps.utils",
         "monai.apps.download_url",
         "monai.apps.download_and_extract",
@@ -657,6 +659,12 @@ def check_config(name: str, config: Any, names: Mapping[str, str] | None = None)
             elif key == "_mode_" and value not in ("default", "callable", "partial"):
                 listing.append((loc, "_mode_", str(value), "not allowed"))
                 problems.append(f"{loc}: _mode_ {value!r} (only 'default' / 'callable'; 'debug' starts pdb)")
+        if key == "allow_pickle" and value is not False:
+            listing.append((loc, "argument", f"allow_pickle={value!r}", "not allowed"))
+            problems.append(f"{loc}: allow_pickle must be false (unpickling runs code)")
+        elif key == "weights_only" and value is not True:
+            listing.append((loc, "argument", f"weights_only={value!r}", "not allowed"))
+            problems.append(f"{loc}: weights_only must be true (a full torch.load unpickles, which runs code)")
         if not isinstance(value, str):
             continue
         if value.startswith("$"):
@@ -1056,8 +1064,9 @@ def verify_bundle(path: str | os.PathLike, trust: bool = False) -> VerifyReport:
         channels = meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("num_channels")
         if ins and (len(ins) != 1 or len(ins[0]) != 4 or ins[0][1] != channels):
             problems.append(f"inputs {ins}: expected one [batch, {channels}, H, W]")
-        if ins and len(outs) != 2:
-            problems.append(f"outputs {outs}: expected seg and cls")
+        out_channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("num_channels")
+        if ins and (len(outs) != 2 or len(outs[0]) != 4 or outs[0][1] != out_channels):
+            problems.append(f"outputs {outs}: expected seg [batch, {out_channels}, H, W] and cls [batch, 1]")
         report.add("onnx", name, problems, f"onnx.checker ok; inputs {ins}, outputs {outs}")
     if meta:
         report.add("shapes", "network_data_format", _check_shapes(meta, configs, state), "consistent with configs")
