@@ -262,7 +262,8 @@ def test_allowed_expressions(expression: str):
      "(lambda: 0).__globals__", "'{0.__class__}'.format(@x)", "'{0.gi_frame}'.format(@x)", "os.system('x')",
      "os.environ.update(A='1')", "np.load(@f, allow_pickle=True)", "monai.bundle.download('x')",
      "monai.utils.optional_import('os')", "torch.hub.load('a', 'b')", "pneumoseg.workflows.Path('x')",
-     "import os; os.system('x')", "exec('1')", "compile('1', 'x', 'exec')", "type(@x)", "torch._C"],
+     "import os; os.system('x')", "exec('1')", "(lambda t: t.load('x'))(torch)", "[m.hub for m in [torch]]",
+     "(lambda f: f('x'))(torch.load)", "compile('1', 'x', 'exec')", "type(@x)", "torch._C"],
 )  # fmt: skip
 def test_blocked_expressions(expression: str):
     assert check_expression(expression, {"os": "os"})

@@ -66,6 +66,9 @@ class BundleRejected(ValueError):
 
 @dataclass
 class ExportSummary:
+    """What an export wrote: the zip, each file's SHA-256, the config paths it removed, warnings, and the max
+    abs probability difference of each exported model to the checkpoint."""
+
     out: str
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     removed_paths: list[str] = field(default_factory=list)
@@ -213,7 +216,12 @@ def _validation_metrics(root: Path, summary: ExportSummary) -> dict[str, Any]:
         summary.warnings.append("eval/metrics.json not found: run evaluate.json before exporting to report metrics")
         return {}
     raw = json.loads(metrics_file.read_text())
-    return {k: v for k, v in raw.items() if k not in _PATH_METRIC_KEYS and isinstance(v, (int, float, str))}
+    return {
+        k: v
+        for k, v in raw.items()
+        if k not in _PATH_METRIC_KEYS
+        and (isinstance(v, (int, float)) or (isinstance(v, str) and not _ABS_PATH.match(v) and "/" not in v))
+    }
 
 
 def _release_notes(root: Path, meta: Mapping[str, Any], metrics: Mapping[str, Any], threshold: Any,

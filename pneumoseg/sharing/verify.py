@@ -508,9 +508,12 @@ class _ExpressionChecker(ast.NodeVisitor):
         else:
             self.problems.append(f"name '{head}' is not allowed")
             return
-        problem, _ = _resolve_dotted(full)
+        problem, obj = _resolve_dotted(full)
         if problem:
             self.problems.append(problem)
+        elif isinstance(obj, types.ModuleType):
+            # a module passed around as a value escapes the name checks: (lambda t: t.load(p))(torch)
+            self.problems.append(f"module '{full}' used as a value (only its functions and classes may be named)")
 
     def visit_Call(self, node: ast.Call) -> None:
         dotted = self._dotted(node.func)
