@@ -53,8 +53,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "verify",
         help="check a received bundle (folder or .zip) without executing it",
-        description="Static checks: archive members, checksums, bundle layout (no code files), metadata schema, network "
-        "shapes, every $ expression / _target_ of every config against an allowlist, "
+        description="Static checks: archive members, checksums, bundle layout (no code files), metadata "
+        "schema, network shapes, every $ expression / _target_ of every config against an allowlist, "
         "logging.conf, weights (weights_only), TorchScript structure, ONNX checker. Prints a "
         "PASS/FAIL table; exit code 0 if everything passed, 1 otherwise.",
     )
@@ -62,8 +62,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trust",
         action="store_true",
-        help="report findings of the code, contents and logging checks as SKIP instead of FAIL, and load + run TorchScript with "
-        "torch.jit.load (only for bundles whose sender you trust)",
+        help="report findings of the code, contents and logging checks as SKIP instead of FAIL, and load + "
+        "run TorchScript with torch.jit.load (only for bundles whose sender you trust)",
     )
     p.add_argument("--list", action="store_true", help="also list every expression, _target_ and reference")
 
