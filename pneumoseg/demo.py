@@ -121,7 +121,7 @@ def run_demo(config: DemoConfig) -> int:
         python, "-m", "monai.bundle", "run", "training", "--meta_file", str(configs / "metadata.json"),
         "--config_file", str(configs / "train.json"), *common, "--num_epochs", str(config.epochs),
         "--warmup_epochs", "1", "--early_stop_patience", str(config.epochs),
-        "--cpu_bf16", str(_cpu_has_native_bf16()).lower(),
+        "--cpu_bf16", str(_cpu_has_native_bf16()),  # Python literals: fire reads "false" as a truthy string
     ])  # fmt: skip
     _run("4/5 evaluate on the held-out test split and tune post-processing", [
         python, "-m", "monai.bundle", "run", "evaluating", "--meta_file", str(configs / "metadata.json"),
