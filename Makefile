@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	  echo "setup: no CUDA GPU, installing the CPU build of torch==$(TORCH_VERSION)"; \
 	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
 	fi
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
 setup: $(VENV)/.installed
