@@ -62,6 +62,8 @@ def link_copies(files: list[Path], dest: Path, n: int) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         target = dest / f"img_{i:05d}.dcm"
+        if target.exists():  # --keep: made by an earlier run
+            continue
         try:
             os.link(files[i % len(files)], target)
         except OSError:
@@ -171,11 +173,17 @@ def main() -> int:
 
         for out in ("out_rad", "out_ct", "out_rss_a", "out_rss_b"):
             shutil.rmtree(work / out, ignore_errors=True)
+        # model-only measured right before and right after the end-to-end run, averaged: a change of machine
+        # load during the run then hits both sides alike
+        repeats = max(3, min(6, args.radiographs // args.batch_size))
+        model_before = model_only(bundle, args.batch_size, args.fp32, repeats)
+        print(f"model-only before: {model_before:.3f} images/s", flush=True)
         seconds, processed, _ = end_to_end(bundle, data / "dicom-images-train", work / "out_rad", args)
         e2e = processed / seconds
-        print(f"end-to-end radiographs: {processed} in {seconds:.1f} s", flush=True)
-        repeats = max(3, min(8, processed // args.batch_size))
-        model_ips = model_only(bundle, args.batch_size, args.fp32, repeats)
+        print(f"end-to-end radiographs: {processed} in {seconds:.1f} s = {e2e:.3f} scans/s", flush=True)
+        model_after = model_only(bundle, args.batch_size, args.fp32, repeats)
+        print(f"model-only after: {model_after:.3f} images/s", flush=True)
+        model_ips = (model_before + model_after) / 2
         ct_seconds, ct_processed, _ = end_to_end(bundle, data / "ct-dicom", work / "out_ct", args)
         rss = {}
         for n, name in zip(args.rss, ("rss_a", "rss_b")):
@@ -200,6 +208,7 @@ def main() -> int:
             "radiographs": processed,
             "e2e_scans_per_s": round(e2e, 3),
             "model_images_per_s": round(model_ips, 3),
+            "model_images_per_s_before_after": [round(model_before, 3), round(model_after, 3)],
             "ratio": round(e2e / model_ips, 3),
             "ct_volumes": ct_processed,
             "ct_volumes_per_s": round(ct_processed / ct_seconds, 3),

@@ -91,6 +91,7 @@ class BundleModel:
 
     network: nn.Module
     image_size: int
+    ct_image_size: int
     params_file: str | None
     name: str
     version: str
@@ -120,7 +121,8 @@ def load_bundle_model(
     network: nn.Module | None = None,
 ) -> BundleModel:
     """Build the network from the bundle config's ``network_def`` (``monai.bundle.ConfigParser``) and load
-    ``models/model.pt`` (``torch.load(weights_only=True)``); read ``image_size`` from the config, the
+    ``models/model.pt`` (``torch.load(weights_only=True)``); read ``image_size`` (and ``ct_image_size``,
+    default ``image_size``) from the config, the
     name/version from ``configs/metadata.json`` and the thresholds file ``configs/postprocessing.json``.
 
     ``network``: use this module (already trained / initialised) instead of ``network_def`` + weights.
@@ -135,6 +137,8 @@ def load_bundle_model(
     parser.read_config(str(config_path))
     parser["bundle_root"] = str(root)
     image_size = int(parser.get("image_size", 512))
+    # optional: CT slices at another size than radiographs (inference.json uses image_size for both)
+    ct_image_size = int(parser.get("ct_image_size", image_size))
     meta_path = root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     weights = root / "models" / "model.pt"
@@ -160,11 +164,14 @@ def load_bundle_model(
     from pneumoseg.postprocessing import load_postprocessing_params
 
     params = load_postprocessing_params(params_file if params_file.is_file() else None)
-    fingerprint = hashlib.sha256(json.dumps([weight_hash, repr(params), image_size]).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps([weight_hash, repr(params), image_size, ct_image_size]).encode()
+    ).hexdigest()[:16]
     network = network.to(device).eval()
     return BundleModel(
         network=network,
         image_size=image_size,
+        ct_image_size=ct_image_size,
         params_file=str(params_file) if params_file.is_file() else None,
         name=str(meta.get("name", root.name)),
         version=str(meta.get("version", "0")),
@@ -243,7 +250,14 @@ class ScanDataset(torch.utils.data.Dataset):
     ``{"index", "error": message, "seconds"}`` when the scan cannot be read (the run goes on).
     """
 
-    def __init__(self, scans: Sequence[Scan], image_size: int, need_headers: bool, input_dir: str = "") -> None:
+    def __init__(
+        self,
+        scans: Sequence[Scan],
+        image_size: int,
+        need_headers: bool,
+        input_dir: str = "",
+        ct_image_size: int | None = None,
+    ) -> None:
         from pneumoseg.data.transforms import ct_inference_transforms, radiograph_inference_transforms
 
         self.scans = list(scans)
@@ -254,7 +268,7 @@ class ScanDataset(torch.utils.data.Dataset):
         from monai.transforms import Compose
 
         self.chain_2d = Compose(list(radiograph_inference_transforms(image_size).transforms[1:]))
-        self.chain_3d = Compose(list(ct_inference_transforms(image_size).transforms[1:]))
+        self.chain_3d = Compose(list(ct_inference_transforms(ct_image_size or image_size).transforms[1:]))
 
     def __len__(self) -> int:
         return len(self.scans)
@@ -705,7 +719,11 @@ class BatchInferenceRunner:
         self._postprocess = DualOutputPostprocess(params_file=self.model.params_file)
         self._wrapped = _PrecisionWrapper(network, self.device, dtype, channels_last)
         self._dataset = ScanDataset(
-            todo, self.model.image_size, need_headers="seg" in self.formats, input_dir=os.fspath(self.input_dir)
+            todo,
+            self.model.image_size,
+            need_headers="seg" in self.formats,
+            input_dir=os.fspath(self.input_dir),
+            ct_image_size=self.model.ct_image_size,
         )
         # torch's DataLoader with batch_size=None: items are whole scans of mixed kinds, batched here (2D) or
         # slice-wise (3D); MONAI's DataLoader would only add collation and seeding, both unused
