@@ -11,9 +11,10 @@ One implementation behind the CLI and the bundle (``{"_target_": "pneumoseg.infe
     -> report rows rebuilt from the records, sorted by scan_id -> report.csv / report.json
 
 Resume: a scan is done when ``OUTPUT_DIR/scans/<scan_id>/record.json`` exists, was made by the same model
-and post-processing, lists every requested format and every listed file still has its recorded size
-and sha256. Anything else is redone, so a run killed at any point (even SIGKILL) and started again
-ends with the outputs and report rows of an uninterrupted run. ``--overwrite`` redoes every scan.
+and post-processing from the same input files (relative path, size, mtime), lists every requested format
+and every listed file still has its recorded size and sha256. Anything else is redone, so a run killed at
+any point (even SIGKILL) and started again ends with the outputs and report rows of an uninterrupted run.
+``--overwrite`` redoes every scan.
 Outputs of a different model in ``OUTPUT_DIR`` are never mixed in: the run refuses without ``--overwrite``.
 
 Image-level probability: radiographs: ``sigmoid`` of the classification head; CT: the maximum over the
