@@ -92,7 +92,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data_root", default=None, help="folder the manifest's paths are relative to (default: manifest's)"
     )
-    p.add_argument("--out", default=None, help="report folder (default: BUNDLE/site_validation)")
+    p.add_argument("--out", default=None, help="report folder (default: BUNDLE_site_validation next to the bundle)")
     p.add_argument(
         "--model",
         choices=["torchscript", "onnx"],

@@ -208,7 +208,8 @@ def evaluate_site(
         "calibration": {"bins": rows, "ece": ece},
         "sender_reported": meta.get("eval_metrics", {}),
     }
-    out = Path(out_dir) if out_dir else root / "site_validation"
+    # default next to the bundle, not inside: the received bundle stays exactly what was verified
+    out = Path(out_dir) if out_dir else root.resolve().parent / f"{root.resolve().name}_site_validation"
     out.mkdir(parents=True, exist_ok=True)
     (out / "site_validation.json").write_text(json.dumps(report, indent=1) + "\n")
     title = f"{report['bundle']['name']} {report['bundle']['version']} on {report['data']['manifest']}[{split}]"
