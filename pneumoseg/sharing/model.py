@@ -54,7 +54,9 @@ class ExportedModel(nn.Module):
         self.register_buffer("fingerprint", torch.tensor(list(bytes.fromhex(sha256)), dtype=torch.uint8))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None
+    ) -> ExportedModel:
         """Load ``.ts`` / ``.pt`` TorchScript (``torch.jit.load``) or ``.onnx`` (ONNX Runtime, CPU provider).
 
         Only load files of a bundle that passed ``pneumoseg bundle verify``: TorchScript is code.

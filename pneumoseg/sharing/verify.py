@@ -401,6 +401,8 @@ def _resolve_dotted(dotted: str) -> tuple[str | None, Any]:
         if not isinstance(obj, types.ModuleType):
             break  # attribute of a class/function: checked by name (no dunders/privates) only
         prefix = ".".join(parts[: i + 1])
+        if _is_blocked(prefix):  # before importing it: not even a blocked module's import is wanted
+            return f"'{dotted}' is blocked ({_is_blocked(prefix)})", None
         try:
             obj = getattr(obj, part) if hasattr(obj, part) else importlib.import_module(prefix)
         except ImportError:
