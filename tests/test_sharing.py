@@ -464,3 +464,15 @@ def test_trust_loads_and_runs_torchscript(received: Path):
     report = verify_bundle(received, trust=True)
     row = next(c for c in report.checks if c.check == "torchscript")
     assert report.ok and row.status == "PASS" and row.detail.startswith("--trust: loaded")
+
+
+def test_missing_onnx_gives_a_clear_message(received: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for module in ("onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import onnx` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'pneumoseg\[onnx\]' \(or export TorchScript only"):
+        export_bundle(received, tmp_path / "out.zip")
+    with pytest.raises(ImportError, match=r"pneumoseg\[onnx\]"):
+        ExportedModel.load(received / "models" / "model.onnx")
+    report = verify_bundle(received)
+    row = next(c for c in report.checks if c.check == "onnx")
+    assert report.ok and row.status == "SKIP" and "pneumoseg[onnx]" in row.detail

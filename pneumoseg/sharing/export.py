@@ -167,12 +167,6 @@ def _export_torchscript(network, meta: Mapping[str, Any], config: bytes) -> byte
 def _export_onnx(network, size: int, channels: int) -> bytes:
     import torch
 
-    try:
-        import onnx  # noqa: F401
-    except ImportError as err:
-        from pneumoseg.sharing.model import ONNX_MISSING
-
-        raise ImportError(ONNX_MISSING) from err
     dims = {0: "batch", 2: "height", 3: "width"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "model.onnx")
@@ -285,6 +279,14 @@ def export_bundle(
         raise FileNotFoundError(f"{root / 'models' / 'model.pt'}: no weights to export (train the bundle first)")
     if not (root / config_file).is_file():
         raise FileNotFoundError(f"{root / config_file}: config not found")
+    if onnx:  # fail before any work; onnxruntime checks the export against the checkpoint
+        try:
+            import onnx as _onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            from pneumoseg.sharing.model import ONNX_MISSING
+
+            raise ImportError(f"{ONNX_MISSING} (or export TorchScript only with --no_onnx)") from err
     summary = ExportSummary(str(out))
     files: dict[str, bytes] = {}
     for name in _selected(root):
