@@ -263,7 +263,9 @@ def test_allowed_expressions(expression: str):
      "os.environ.update(A='1')", "np.load(@f, allow_pickle=True)", "monai.bundle.download('x')",
      "monai.utils.optional_import('os')", "torch.hub.load('a', 'b')", "pneumoseg.workflows.Path('x')",
      "import os; os.system('x')", "exec('1')", "(lambda t: t.load('x'))(torch)", "[m.hub for m in [torch]]",
-     "(lambda f: f('x'))(torch.load)", "compile('1', 'x', 'exec')", "type(@x)", "torch._C"],
+     "(lambda f: f('x'))(torch.load)", "monai.data.NumpyReader(allow_pickle=True)", "pneumoseg.demo.run(@args)",
+     "monai.data.PersistentDataset(@d, @t, 'cache', weights_only=False)", "pneumoseg.cli.main(['demo'])",
+     "compile('1', 'x', 'exec')", "type(@x)", "torch._C"],
 )  # fmt: skip
 def test_blocked_expressions(expression: str):
     assert check_expression(expression, {"os": "os"})

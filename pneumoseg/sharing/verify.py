@@ -95,6 +95,9 @@ BLOCKED_NAMES: frozenset[str] = frozenset(
         "torch.distributed.run",
         "torch.distributed.launch",
         "torch.multiprocessing.spawn",
+        "torch.distributed.elastic",  # launches processes running a given entry point
+        "torch.distributed.launcher",
+        "ignite.distributed",
         "numpy.load",  # allowed only without allow_pickle=True (see _call_problems)
         "numpy.ctypeslib",
         "numpy.f2py",
@@ -119,6 +122,8 @@ BLOCKED_NAMES: frozenset[str] = frozenset(
         "monai.data.torchscript_utils",
         "monai.data.load_net_with_metadata",
         "pneumoseg.sharing",
+        "pneumoseg.cli",  # runs any pneumoseg command
+        "pneumoseg.demo",  # runs subprocesses
     }
 )
 """Dotted names (and everything below them) blocked even inside allowlisted modules: they load pickles or
@@ -532,6 +537,10 @@ class _ExpressionChecker(ast.NodeVisitor):
                 for child in [*node.args, *node.keywords]:
                     self.visit(child)
                 return
+            for name, required in (("allow_pickle", False), ("weights_only", True)):
+                value = keywords.get(name)
+                if value is not None and not (isinstance(value, ast.Constant) and value.value is required):
+                    self.problems.append(f"{name}={ast.unparse(value)} (must be a literal {required})")
             if full == "numpy.load" or canonical.startswith("numpy.lib._npyio_impl.load"):
                 allow = keywords.get("allow_pickle")
                 if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
