@@ -296,6 +296,16 @@ class ScanDataset(torch.utils.data.Dataset):
             )
         return img
 
+    @staticmethod
+    def _slice_order(scan: Scan) -> list[str]:
+        """The series' files in the order of the volume's K axis: as the series reader sorted them (along the
+        normal, duplicates dropped), from the public ``find_dicom_series`` on the series' folder."""
+        from pneumoseg.data.series import find_dicom_series
+
+        parent = os.path.commonpath([os.path.dirname(f) for f in scan.files])
+        found = [s for s in find_dicom_series(parent) if s.series_uid == scan.series_uid and s.error is None]
+        return [os.fspath(f) for f in found[0].files] if found else list(scan.files)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         scan = self.scans[index]
         start = time.perf_counter()
@@ -319,7 +329,8 @@ class ScanDataset(torch.utils.data.Dataset):
             if self.need_headers and scan.kind in ("radiograph", "series"):
                 import pydicom
 
-                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in scan.files]
+                files = self._slice_order(scan) if scan.kind == "series" else scan.files
+                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
             return {
                 "index": index,
                 "image": image,
@@ -607,20 +618,21 @@ class BatchInferenceRunner:
     def _seg_frames(mask: np.ndarray, item: dict[str, Any]) -> tuple[np.ndarray, list[Any]]:
         """Volume mask ``[I, J, K]`` -> SEG frames ``[K', Rows, Columns]`` aligned with the source slices.
 
-        The series reader sorts slices along the normal and drops duplicates; the slice of voxel layer k
-        is found by position (affine origin of the layer vs. each header's ImagePositionPatient), so the
-        mapping needs no assumption about file names. Returns the frames and their source headers.
+        ``item["headers"]`` are in the reader's slice order (:meth:`ScanDataset._slice_order`): layer k is on
+        ``headers[k]``. If their count differs (should not happen), each layer takes the header nearest to
+        its position (affine origin of the layer vs. ImagePositionPatient). Returns frames and headers.
         """
-        affine = item["affine"]
-        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # RAS -> LPS (DICOM patient frame)
         headers = item["headers"]
+        frames = np.ascontiguousarray(mask.transpose(2, 1, 0))  # [I, J, K] -> [K, J = Rows, I = Columns]
+        if len(headers) == mask.shape[2]:
+            return frames, list(headers)
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ item["affine"]  # RAS -> LPS (DICOM patient frame)
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
         chosen = []
         for k in range(mask.shape[2]):
             origin = (lps @ np.array([0.0, 0.0, k, 1.0]))[:3]
             chosen.append(int(np.argmin(np.linalg.norm(positions - origin, axis=1))))
-        # [I, J, K] -> [K, J = Rows, I = Columns]
-        return np.ascontiguousarray(mask.transpose(2, 1, 0)), [headers[i] for i in chosen]
+        return frames, [headers[i] for i in chosen]
 
     @staticmethod
     def _overlay_view(scan: Scan, display: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:

@@ -524,3 +524,28 @@ def test_help_explains_every_option(capsys):
     for option in ("--bundle", "--device", "--batch-size", "--workers", "--formats", "--overwrite", "--strict",
                    "--fp32", "--num-shards", "--shard-id", "--merge-reports", "--chest-only"):
         assert option in infer.format_help()
+
+
+def test_seg_of_a_series_with_a_gap_and_a_duplicate(bundle, tmp_path):
+    """Layer k of the mask is on the k-th slice the reader kept (sorted, duplicate dropped, gap stacked)."""
+    case = phantoms.plan_ct(1, seed=7)[0]
+    hu, _, spacing = phantoms.draw_ct_case(case, 7, SIZE, 7)
+    folder = tmp_path / "in" / "ct"
+    files = phantoms.write_ct_dicom_series(folder, hu, spacing, case, seed=7)
+    files[3].unlink()  # a gap
+    duplicate = pydicom.dcmread(files[5])
+    duplicate.SOPInstanceUID = generate_uid()
+    duplicate.InstanceNumber = 99
+    duplicate.save_as(folder / "slice_dup.dcm")
+    out = tmp_path / "out"
+    assert _runner(bundle, tmp_path / "in", out, formats="nifti,seg").run() == 0
+    (row,) = _rows(out)
+    assert "missing slice" in row["warnings"] and "duplicate" in row["warnings"]
+    mask = np.asarray(nib.load(str(out / row["mask"])).dataobj) > 0
+    assert mask.shape[2] == 6
+    kept = [pydicom.dcmread(f, stop_before_pixels=True) for f in files if f.exists()]
+    kept.sort(key=lambda h: float(h.ImagePositionPatient[2]))
+    seg = hd.seg.segread(out / row["seg"])
+    pixels = seg.get_pixels_by_source_instance([h.SOPInstanceUID for h in kept], segment_numbers=[1])
+    assert np.array_equal(pixels[..., 0].astype(bool), mask.transpose(2, 1, 0))
+    assert mask.any() and not mask.all()
