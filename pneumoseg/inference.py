@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,7 @@ class ScanDataset(torch.utils.data.Dataset):
 
         self.scans = list(scans)
         self.need_headers = need_headers
+        self._nifti: Callable | None = None
         self.input_prefix = os.path.join(os.fspath(input_dir), "") if input_dir else ""
         # the project's chains without their first step (the loader): the scan's reader is chosen here
         # (a frame of a multi-frame file, the files of one series), the rest stays MONAI and invertible
@@ -288,7 +290,9 @@ class ScanDataset(torch.utils.data.Dataset):
         if scan.kind == "series":
             img = LoadDicomSeries()(scan.files)
         else:
-            img = LoadNifti()(scan.files[0])
+            if self._nifti is None:  # once per process: MONAI's LoadImage builds all its readers
+                self._nifti = LoadNifti()
+            img = self._nifti(scan.files[0])
         if img.dim() != 4 or img.shape[0] != 1 or min(img.shape[1:3]) < MIN_SIZE:
             raise ImageReadError(
                 f"{scan.source}: expected a single-channel 3D volume [1, I, J, K] with I, J >= {MIN_SIZE}, "
@@ -352,6 +356,13 @@ class ScanDataset(torch.utils.data.Dataset):
 
 
 # ================================================================================================ the runner
+
+
+def _quiet_optional_codecs() -> None:
+    """Silence MONAI's notice that the optional GPU codec nvImageCodec is absent (printed for every reader
+    it builds, also in each worker): pydicom's own decoders are what this pipeline uses, on purpose."""
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -663,6 +674,7 @@ class BatchInferenceRunner:
     def run(self) -> int:
         """Process the shard; write records and the report; 0 if no scan errored, 1 otherwise."""
         started = time.perf_counter()
+        _quiet_optional_codecs()
         if not self.input_dir.is_dir():
             raise FileNotFoundError(f"input folder not found: {self.input_dir}")
         if self.output_dir.resolve().is_relative_to(self.input_dir.resolve()):
