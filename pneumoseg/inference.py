@@ -121,6 +121,8 @@ def load_bundle_model(
     device: torch.device | str = "cpu",
     config_file: str = "configs/inference.json",
     network: nn.Module | None = None,
+    network_def: nn.Module | None = None,
+    image_size: int | None = None,
 ) -> BundleModel:
     """Build the network from the bundle config's ``network_def`` (``monai.bundle.ConfigParser``) and load
     ``models/model.pt`` (``torch.load(weights_only=True)``); read ``image_size`` (and ``ct_image_size``,
@@ -128,6 +130,9 @@ def load_bundle_model(
     name/version from ``configs/metadata.json`` and the thresholds file ``configs/postprocessing.json``.
 
     ``network``: use this module (already trained / initialised) instead of ``network_def`` + weights.
+    ``network_def`` / ``image_size``: the architecture and model size already parsed by the caller (e.g.
+    ``configs/inference.json`` run through ``monai.bundle``, command-line overrides included) instead of
+    re-reading them from ``config_file``; the bundle's weights are loaded into ``network_def``.
     """
     from monai.bundle import ConfigParser
 
@@ -138,16 +143,19 @@ def load_bundle_model(
     parser = ConfigParser()
     parser.read_config(str(config_path))
     parser["bundle_root"] = str(root)
-    image_size = int(parser.get("image_size", 512))
+    image_size = int(image_size if image_size is not None else parser.get("image_size", 512))
     # optional: CT slices at another size than radiographs (inference.json uses image_size for both)
     ct_image_size = int(parser.get("ct_image_size", image_size))
     meta_path = root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     weights = root / "models" / "model.pt"
     if network is None:
-        if "network_def" not in parser:
+        if network_def is not None:
+            network = network_def
+        elif "network_def" not in parser:
             raise KeyError(f"{config_path}: no 'network_def'")
-        network = parser.get_parsed_content("network_def")
+        else:
+            network = parser.get_parsed_content("network_def")
         if not weights.is_file():
             raise FileNotFoundError(f"bundle weights not found: {weights} (train the bundle first)")
         state = _state_dict(torch.load(weights, map_location="cpu", weights_only=True), weights)
@@ -407,6 +415,9 @@ class BatchInferenceRunner:
         progress: show a tqdm progress bar (scans/s, ETA).
         config_file: bundle config holding ``network_def`` / ``image_size``, relative to ``bundle_root``.
         network: an ``nn.Module`` to use instead of the bundle's ``network_def`` + weights (Python API).
+        network_def, image_size: architecture (untrained; the bundle's ``models/model.pt`` is loaded into
+            it) and model input size, as parsed by ``configs/inference.json`` with its overrides; ``None``:
+            read from ``config_file``.
     """
 
     def __init__(
@@ -427,6 +438,8 @@ class BatchInferenceRunner:
         progress: bool = True,
         config_file: str = "configs/inference.json",
         network: nn.Module | None = None,
+        network_def: nn.Module | None = None,
+        image_size: int | None = None,
     ) -> None:
         self.bundle_root = Path(bundle_root)
         self.input_dir = Path(input_dir)
@@ -448,6 +461,8 @@ class BatchInferenceRunner:
         self.progress = progress
         self.config_file = config_file
         self._network = network
+        self._network_def = network_def
+        self._image_size = image_size
         self.model: BundleModel | None = None
 
     # ------------------------------------------------------------------------------------------ records
@@ -557,6 +572,7 @@ class BatchInferenceRunner:
         from scipy import ndimage
 
         from pneumoseg.data.transforms import invert_prediction_transforms
+
         start = time.perf_counter()
         assert self.model is not None
         mask_small = self._postprocess(seg_prob, cls_prob)
@@ -608,8 +624,13 @@ class BatchInferenceRunner:
                     frames, headers = mask[None], item["headers"]
                 outputs.append(
                     write_dicom_seg(
-                        folder / "seg.dcm", headers, frames, self.model.name, self.model.version,
-                        uid_seed=f"{scan.scan_id}|{self.model.fingerprint}", source_frame=scan.frame,
+                        folder / "seg.dcm",
+                        headers,
+                        frames,
+                        self.model.name,
+                        self.model.version,
+                        uid_seed=f"{scan.scan_id}|{self.model.fingerprint}",
+                        source_frame=scan.frame,
                     )
                 )
                 row["seg"] = self._rel(outputs[-1])
@@ -681,7 +702,9 @@ class BatchInferenceRunner:
             # the outputs would be found as inputs by the next run
             raise ValueError(f"OUTPUT_DIR {self.output_dir} must not be inside INPUT_DIR {self.input_dir}")
         if self.model is None:
-            self.model = load_bundle_model(self.bundle_root, self.device, self.config_file, self._network)
+            self.model = load_bundle_model(
+                self.bundle_root, self.device, self.config_file, self._network, self._network_def, self._image_size
+            )
         all_scans = discover_scans(self.input_dir, chest_only=self.chest_only)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._check_run_file()
@@ -873,39 +896,50 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input_dir", nargs="?", metavar="INPUT_DIR", help="folder of scans (never modified)")
     p.add_argument("output_dir", nargs="?", metavar="OUTPUT_DIR", help="folder for outputs and the report")
     p.add_argument(
-        "--bundle", metavar="DIR", help="bundle folder: configs/inference.json (network_def, image_size), "
+        "--bundle",
+        metavar="DIR",
+        help="bundle folder: configs/inference.json (network_def, image_size), "
         "models/model.pt, configs/postprocessing.json (thresholds), configs/metadata.json (name, version)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="radiographs / CT slices per forward pass (default: 8)")
     p.add_argument(
-        "--workers", type=int, default=2,
+        "--workers",
+        type=int,
+        default=2,
         help="DataLoader worker processes decoding and preprocessing while the model runs (0: none; default: 2)",
     )
     p.add_argument(
-        "--formats", default=",".join(FORMATS),
+        "--formats",
+        default=",".join(FORMATS),
         help="comma-separated outputs: nifti (mask of volumes / NIfTI inputs), png (mask of radiographs), "
         "seg (DICOM SEG of DICOM inputs), overlay (preview PNG); default: all",
     )
     p.add_argument("--overwrite", action="store_true", help="redo every scan and replace existing outputs")
     p.add_argument("--strict", action="store_true", help="stop at the first scan that errors (exit code 1)")
     p.add_argument(
-        "--fp32", action="store_true",
+        "--fp32",
+        action="store_true",
         help="full precision (default: bf16 autocast + channels_last on CPUs with native bf16, AMP on GPUs)",
     )
     p.add_argument(
-        "--chest-only", action="store_true",
+        "--chest-only",
+        action="store_true",
         help="skip scans whose header says they are not a chest or not a trained modality (default: warn in the row)",
     )
     p.add_argument(
-        "--num-shards", type=int, default=None,
+        "--num-shards",
+        type=int,
+        default=None,
         help="split the sorted scan list into K shards (default: WORLD_SIZE under torchrun, else 1)",
     )
     p.add_argument(
         "--shard-id", type=int, default=None, help="shard to process, 0..K-1 (default: RANK under torchrun, else 0)"
     )
     p.add_argument(
-        "--merge-reports", nargs="+", metavar="DIR",
+        "--merge-reports",
+        nargs="+",
+        metavar="DIR",
         help="instead of inferring: merge the shard reports found in the first DIR and any further DIRs into "
         "DIR/report.{csv,json}",
     )
