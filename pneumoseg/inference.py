@@ -67,6 +67,7 @@ __all__ = [
     "load_bundle_model",
     "select_device",
     "BatchInferenceRunner",
+    "exit_on_error",
     "add_subcommand",
     "run",
 ]
@@ -945,6 +946,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     p.set_defaults(func=run)
+
+
+def exit_on_error(exit_code: int) -> int:
+    """For ``configs/inference.json``: make ``python -m monai.bundle run`` exit with the runner's code
+    (1 when some scan errored), as ``pneumoseg infer`` does."""
+    if exit_code:
+        raise SystemExit(exit_code)
+    return exit_code
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,13 +17,13 @@ so every MONAI metric/handler downstream sees ordinary tensors under ordinary ke
 then decollates them into per-image dicts, MONAI's usual trainer output; evaluators keep them batched).
 The rest: inferers (CPU bf16 autocast; slice-by-slice CT with the classification head), handlers
 (gradient clipping, per-epoch re-seeding for exact resume, the last checkpoint, metric logs, the
-post-processing search), the pre-flight check of a manifest and the prediction writer of inference.
+post-processing search) and the pre-flight check of a manifest. Inference on folders (``configs/inference.json``
+and ``pneumoseg infer``) is :class:`pneumoseg.inference.BatchInferenceRunner`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -60,10 +60,8 @@ __all__ = [
     "default_bundle_root",
     "MetricsLogger",
     "PostprocessingSearchHandler",
-    "PredictionWriter",
     "DatalistError",
     "check_datalist",
-    "list_images",
     "is_main_process",
 ]
 
@@ -521,115 +519,6 @@ class PostprocessingSearchHandler:
             )
 
 
-# ---------------------------------------------------------------------------------------- inference output
-
-
-class PredictionWriter:
-    """Write the inference results of each batch (``decollate=False`` evaluator, after
-    :class:`MultiTaskOutputHandler`).
-
-    Per image: ``<output_dir>/<stem>_mask.png`` (2D, 0/255) or ``<stem>_mask.nii.gz`` (3D, with the source
-    affine), mapped back to the source geometry by ``invert`` (e.g.
-    ``pneumoseg.data.transforms.invert_prediction_transforms(preprocessing, sigmoid=False)``, applied to
-    ``{"image", "pred"}`` of one sample), and one row of ``<output_dir>/predictions.csv``:
-    ``image, probability, positive, mask, mask_pixels``. 2D masks also go SIIM-style to
-    ``<output_dir>/submission.csv`` (``ImageId`` = SOPInstanceUID when the reader found one).
-
-    PNG is written with PIL directly: MONAI's PIL writer would transpose our ``[H, W]`` arrays.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        image_key: str = "image",
-        operating_threshold: float = 0.5,
-        invert: Callable[[dict], dict] | None = None,
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.image_key = image_key
-        self.operating_threshold = operating_threshold
-        self.invert = invert
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._start)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self._finish)
-
-    def _start(self, engine: Engine) -> None:
-        self.rows: list[dict[str, Any]] = []
-        self.submission: dict[str, list[str]] = {}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, engine: Engine) -> None:
-        from monai.data import MetaTensor, decollate_batch
-
-        out = engine.state.output
-        images = decollate_batch(engine.state.batch[self.image_key])
-        for i, image in enumerate(images):
-            meta = dict(getattr(image, "meta", {}) or {})
-            source = str(meta.get("filename_or_obj", f"image_{len(self.rows)}"))
-            stem = _stem(source)
-            mask = out["pred"][i].detach().cpu().float()
-            prob = float(out["pred_cls"][i].reshape(-1)[0])
-            if self.invert is not None:
-                mask = self.invert({self.image_key: image, "pred": MetaTensor(mask, meta=meta)})["pred"]
-            binary = torch.as_tensor(mask) > 0.5
-            if binary.dim() == 3:  # [1, H, W]
-                from PIL import Image
-
-                from pneumoseg.data.rle import encode_siim_rle
-
-                path = self.output_dir / f"{stem}_mask.png"
-                Image.fromarray(binary[0].numpy().astype(np.uint8) * 255).save(path)
-                self.submission[str(meta.get("SOPInstanceUID", stem))] = [encode_siim_rle(binary[0].numpy())]
-            else:  # [1, I, J, K] volume, saved with the (inverted) affine
-                from monai.transforms import SaveImage
-
-                affine = mask.affine if isinstance(mask, MetaTensor) else meta.get("affine")
-                volume = MetaTensor(binary.to(torch.uint8), affine=affine)
-                volume.meta["filename_or_obj"] = stem
-                SaveImage(
-                    output_dir=str(self.output_dir),
-                    output_postfix="mask",
-                    output_ext=".nii.gz",
-                    output_dtype=np.uint8,
-                    separate_folder=False,
-                    print_log=False,
-                    resample=False,
-                )(volume)
-                path = self.output_dir / f"{stem}_mask.nii.gz"
-            self.rows.append(
-                {
-                    "image": source,
-                    "probability": f"{prob:.6f}",
-                    "positive": int(prob >= self.operating_threshold),
-                    "mask": path.name,
-                    "mask_pixels": int(binary.sum()),
-                }
-            )
-
-    def _finish(self, engine: Engine) -> None:
-        if not self.rows:
-            return
-        with (self.output_dir / "predictions.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        if self.submission:
-            from pneumoseg.data.rle import write_siim_csv
-
-            write_siim_csv(self.output_dir / "submission.csv", self.submission, style="stage2")
-        logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir)
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 # ------------------------------------------------------------------------------------- pre-flight checks
 
 
@@ -741,19 +630,6 @@ def check_datalist(
         more = f" (stopped after the first {max_listed})" if len(problems) >= max_listed else ""
         raise DatalistError(f"{len(problems)} bad manifest entries{more}:\n  " + "\n  ".join(problems))
     return entries
-
-
-def list_images(
-    directory: str | os.PathLike, patterns: Sequence[str] = ("*.dcm", "*.png", "*.nii.gz", "*.nii")
-) -> list[dict[str, str]]:
-    """``[{"image": path}]`` for the images in ``directory`` (recursively), sorted; error if there are none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"input folder not found: {directory}")
-    files = sorted({p for pattern in patterns for p in directory.rglob(pattern) if p.is_file()})
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(patterns)}) in {directory}")
-    return [{"image": str(p)} for p in files]
 
 
 class StopAtEpoch:

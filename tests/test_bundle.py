@@ -6,6 +6,7 @@ resume test trains three more short runs. A small decoder keeps every run at a f
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -126,7 +127,7 @@ def test_resume_matches_straight_run(tmp_path: Path, data: Path):
     stopped = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--stop_epoch", "2"], cwd=bundle))
     assert "stopping after epoch 2" in stopped.output
     assert not (tmp_path / "resumed/eval/metrics_history.jsonl").exists()  # no validation before epoch 3
-    resumed = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--resume", "true"], cwd=bundle))
+    resumed = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--resume", "True"], cwd=bundle))
     assert "Epoch: 1/3" not in resumed.output and "Epoch: 3/3" in resumed.output  # went on at epoch 3
 
     def final(run: str) -> dict:
@@ -191,13 +192,15 @@ def test_inference_writes_masks_for_a_folder(trained, tmp_path: Path):
             cwd=bundle,
         )
     )  # fmt: skip
-    masks = sorted(out.glob("*_mask.png"))
+    # one implementation behind both: configs/inference.json runs pneumoseg.inference.BatchInferenceRunner
+    masks = sorted(out.glob("scans/*/mask.png"))
     assert len(masks) == 3
     assert all(Image.open(m).size == (96, 96) for m in masks)  # back at the source size, not the 64 px model input
-    rows = (out / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "image,probability,positive,mask,mask_pixels" and len(rows) == 4
-    assert all(0.0 <= float(r.split(",")[1]) <= 1.0 for r in rows[1:])
-    assert len((out / "submission.csv").read_text().splitlines()) == 4
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+    assert all((out / r["seg"]).is_file() and (out / r["overlay"]).is_file() for r in rows)
 
 
 def _free_port() -> int:
@@ -290,15 +293,17 @@ def test_ct_trains_on_axial_slices_and_infers_a_3d_mask(tmp_path: Path):
     out = tmp_path / "ct_masks"
     _ok(
         _run(
-            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--ct", "true",
+            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
              "--input_dir", str(images), "--output_dir", str(out), *SMALL],
             cwd=bundle,
         )
     )  # fmt: skip
+    with open(out / "report.csv", newline="") as f:
+        rows = {Path(r["input"]).name: r for r in csv.DictReader(f)}
+    assert len(rows) == 3
     for source in sorted(images.glob("*.nii.gz")):
         image = nib.load(str(source))
-        mask = nib.load(str(out / source.name.replace(".nii.gz", "_mask.nii.gz")))
+        mask = nib.load(str(out / rows[source.name]["mask"]))
         assert mask.shape == image.shape  # back on the source grid (the model saw 64 x 64 slices)
         assert np.allclose(mask.affine, image.affine)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
-    assert len((out / "predictions.csv").read_text().splitlines()) == 1 + 3
