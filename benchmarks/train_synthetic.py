@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="processes for synthesis and data loading")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms, the split and training")
     parser.add_argument("--keep-data", action="store_true", help="reuse phantoms already in --out/data")
+    parser.add_argument(
+        "--cpu-bf16", action="store_true", help="bf16 autocast on CPU (worth it on CPUs with AVX512-BF16 / AMX)"
+    )
     return parser.parse_args(argv)
 
 
@@ -66,7 +69,8 @@ def _bundle_command(args: argparse.Namespace, bundle: Path, extra: list[str]) ->
     return [sys.executable, "-m", "monai.bundle", "run", *extra,
             "--datalist", str(args.out / "data" / "manifest.json"), "--bundle_root", str(bundle),
             "--image_size", str(args.image_size), "--network_def#decoder_channels", args.decoder_channels,
-            "--num_workers", str(args.workers), "--seed", str(args.seed)]  # fmt: skip
+            "--num_workers", str(args.workers), "--seed", str(args.seed),
+            "--cpu_bf16", str(bool(args.cpu_bf16))]  # fmt: skip  (a Python literal: fire reads "false" as a string)
 
 
 def _stream(command: list[str], log: Path) -> str:
