@@ -737,6 +737,7 @@ class BatchInferenceRunner:
         elapsed = time.perf_counter() - started
         summary = summarize(list(rows.values()), elapsed, len(todo))
         summary["reused"] = reused
+        summary["model"] = self.model.fingerprint
         if stopped:
             summary["stopped_early"] = stopped
         if self.num_shards == 1:

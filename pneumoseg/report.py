@@ -179,8 +179,9 @@ def merge_reports(
     All shards ``0..K-1`` of one shard count ``K`` must be present exactly once (else
     :class:`ReportMergeError` naming what is missing), and no scan may appear in two shards. The merged
     rows are sorted by ``scan_id``: identical to an unsharded run's. ``num_shards``: consider only reports
-    of that shard count. Timing in the summary: the sum of the
-    shards' processed counts over the longest shard's wall time (shards run in parallel).
+    of that shard count. Shards whose summaries name different models (``"model"`` fingerprints) raise.
+    Timing in the summary: the sum of the shards' processed counts over the longest shard's wall time
+    (shards run in parallel).
     """
     found = find_shard_reports([destination, *sources], num_shards)
     if not found:
@@ -196,6 +197,7 @@ def merge_reports(
     rows: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     seconds, processed = 0.0, 0
+    models: dict[str, Path] = {}
     for shard in sorted(found):
         path = found[shard][1]
         data = read_report(path)
@@ -206,10 +208,16 @@ def merge_reports(
             seen[sid] = path
             rows.append(row)
         summary = data.get("summary", {})
+        if summary.get("model"):  # the model fingerprint: shards of different models must not be mixed
+            models.setdefault(str(summary["model"]), path)
+            if len(models) > 1:
+                raise ReportMergeError(f"shard reports of different models: {sorted(map(str, models.values()))}")
         seconds = max(seconds, float(summary.get("seconds", 0.0)))
         processed += int(summary.get("processed", 0))
     rows = sort_rows(rows)
     summary = summarize(rows, seconds, processed)
     summary["merged_shards"] = total
+    if models:
+        summary["model"] = next(iter(models))
     write_report(destination, rows, summary)
     return rows, summary

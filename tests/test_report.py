@@ -73,5 +73,10 @@ def test_merge_shards_equals_whole_and_detects_problems(tmp_path):
     part = [r for i, r in enumerate(rows) if i % 3 == 1]
     write_report(tmp_path / "dest", part, summarize(part), name=shard_report_name(1, 3))
     assert merge_reports(tmp_path / "dest", [tmp_path / "four"], num_shards=3)[0] == whole  # others ignored
+    a, b = rows[:3], rows[3:]
+    write_report(tmp_path / "m", a, {**summarize(a), "model": "aaa"}, name=shard_report_name(0, 2))
+    write_report(tmp_path / "m", b, {**summarize(b), "model": "bbb"}, name=shard_report_name(1, 2))
+    with pytest.raises(ReportMergeError, match="different models"):
+        merge_reports(tmp_path / "m")
     with pytest.raises(ReportMergeError, match="no shard reports"):
         merge_reports(tmp_path / "empty")
