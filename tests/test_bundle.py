@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_siim_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "pneumothorax_scse_unet"
@@ -42,18 +43,12 @@ def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pneumoseg.data.manifest import build_siim_manifest, write_manifest
-    from pneumoseg.data.phantoms import synthesize
-
-    root = tmp_path_factory.mktemp("phantoms")
-    synthesize(root, radiographs=16, size=64, ct=0, seed=3, workers=1)
-    manifest, summary = build_siim_manifest(
-        root / "dicom-images-train", root / "train-rle.csv", root, salt="test", val_fraction=0.25,
-        test_fraction=0.0, folds=0, seed=0, progress=False,
-    )  # fmt: skip
-    write_manifest(manifest, root / "manifest.json", summary)
+    path = synthetic_siim_manifest(
+        tmp_path_factory.mktemp("phantoms"), 16, seed=3, val_fraction=0.25, test_fraction=0.0
+    )
+    manifest = json.loads(path.read_text())
     assert manifest["training"] and manifest["validation"]
-    return root / "manifest.json"
+    return path
 
 
 def _bundle_copy(where: Path) -> Path:

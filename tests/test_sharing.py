@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_siim_manifest
 
 from pneumoseg.cli import main as cli_main
 from pneumoseg.networks import SCSEUNet, SCSEUNetOutput
@@ -317,17 +318,9 @@ def test_unsafe_archive_is_rejected_and_nothing_is_written(members, symlink, pro
 # ------------------------------------------------------------------------------------ evaluate / derive
 @pytest.fixture(scope="module")
 def site_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pneumoseg.data.manifest import build_siim_manifest, write_manifest
-    from pneumoseg.data.phantoms import synthesize
-
-    root = tmp_path_factory.mktemp("site")
-    synthesize(root, radiographs=10, size=64, ct=0, seed=5, workers=1)
-    manifest, summary = build_siim_manifest(
-        root / "dicom-images-train", root / "train-rle.csv", root, salt="site", val_fraction=0.0,
-        test_fraction=0.6, folds=0, seed=0, progress=False,
-    )  # fmt: skip
-    write_manifest(manifest, root / "manifest.json", summary)
-    return root / "manifest.json"
+    return synthetic_siim_manifest(
+        tmp_path_factory.mktemp("site"), 10, seed=5, val_fraction=0.0, test_fraction=0.6, salt="site"
+    )
 
 
 @pytest.mark.parametrize("model", ["torchscript", "onnx"])
