@@ -82,6 +82,7 @@ RUN_NAME = "run.json"
 SCANS_DIR = "scans"
 RECORD_VERSION = 1
 MIN_SIZE = 8  # smaller images (per axis) are reported as wrong dimensions, not fed to the model
+TRIM_EVERY = 32  # scans between returns of freed memory to the OS (see _release_freed_memory)
 PERCENTILES = (0.5, 99.5)  # display window of radiograph overlays (same as the preprocessing)
 
 
@@ -372,6 +373,22 @@ def _quiet_optional_codecs() -> None:
     it builds, also in each worker): pydicom's own decoders are what this pipeline uses, on purpose."""
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the writer thread back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    The writer thread allocates large arrays of varying sizes in its own malloc arena; glibc keeps what is
+    freed there, so without this the resident size creeps up with the number of scans (measured: +0.5 MB
+    per 1024-px radiograph) although nothing is leaked.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -806,6 +823,8 @@ class BatchInferenceRunner:
                     logger.exception("%s: writing outputs failed", scan.source)
                     row = self._error_row(scan, f"{type(e).__name__}: {scan.source}: {e}", 0.0)
                 rows[scan.scan_id] = row
+                if len(rows) % TRIM_EVERY == 0:
+                    _release_freed_memory()
                 if bar is not None:
                     bar.update(1)
                 if row["status"] == "error" and self.strict:
