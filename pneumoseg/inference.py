@@ -922,6 +922,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         help="bundle folder: configs/inference.json (network_def, image_size), "
         "models/model.pt, configs/postprocessing.json (thresholds), configs/metadata.json (name, version)",
     )
+    p.add_argument(
+        "--model",
+        metavar="FILE",
+        help="an exported model of the bundle (models/model.ts TorchScript or models/model.onnx, from "
+        "`pneumoseg bundle export`) instead of network_def + model.pt: no training code needed",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="radiographs / CT slices per forward pass (default: 8)")
     p.add_argument(
@@ -976,6 +982,12 @@ def exit_on_error(exit_code: int) -> int:
     return exit_code
 
 
+def _exported_model(path: str, device: str) -> nn.Module:
+    from pneumoseg.sharing.model import ExportedModel
+
+    return ExportedModel.load(path, device=select_device(device))
+
+
 def run(args: argparse.Namespace) -> int:
     """``pneumoseg infer``: returns the exit code (0 ok, 1 some scan errored, 2 usage / setup error)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -1011,6 +1023,7 @@ def run(args: argparse.Namespace) -> int:
             num_shards=args.num_shards,
             shard_id=args.shard_id,
             progress=not args.no_progress,
+            network=_exported_model(args.model, args.device) if args.model else None,
         )
         return runner.run()
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:

@@ -415,6 +415,15 @@ def test_batch_inference_runner_runs_the_exported_models(received: Path, site_ma
     for name, tolerance in (("model.ts", 1e-4), ("model.onnx", 1e-3)):
         assert probabilities[name].keys() == reference.keys()
         assert max(abs(probabilities[name][k] - reference[k]) for k in reference) <= tolerance, name
+    # the same through the command line: `pneumoseg infer ... --model models/model.onnx`
+    from pneumoseg.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["infer", str(images), str(out), "--bundle", str(received), "--model", str(received / "models/model.onnx"),
+            "--formats", "png", "--device", "cpu", "--workers", "0", "--fp32", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert {r["scan_id"]: float(r["probability"]) for r in rows} == pytest.approx(probabilities["model.onnx"], abs=1e-6)
 
 
 def test_zip_members_without_file_type_bits_are_regular_files(tmp_path: Path):
