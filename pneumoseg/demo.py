@@ -34,10 +34,11 @@ class DemoConfig:
     """Every default of the demo lives here; the CLI only exposes them."""
 
     out_dir: Path = Path("demo_output")
-    radiographs: int = 120
+    radiographs: int = 240
     size: int = 256
     ct: int = 2
-    epochs: int = 4
+    epochs: int = 8
+    learning_rate: float = 1e-3
     batch_size: int = 8
     seed: int = 0
 
@@ -121,6 +122,7 @@ def run_demo(config: DemoConfig) -> int:
         python, "-m", "monai.bundle", "run", "training", "--meta_file", str(configs / "metadata.json"),
         "--config_file", str(configs / "train.json"), *common, "--num_epochs", str(config.epochs),
         "--warmup_epochs", "1", "--early_stop_patience", str(config.epochs),
+        "--learning_rate", str(config.learning_rate),
         "--cpu_bf16", str(_cpu_has_native_bf16()),  # Python literals: fire reads "false" as a truthy string
     ])  # fmt: skip
     _run("4/5 evaluate on the held-out test split and tune post-processing", [
@@ -177,6 +179,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ct", type=int, default=defaults.ct, help="synthetic CT volumes")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, split and training")
     parser.set_defaults(func=run)
 
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             ct=args.ct,
             epochs=args.epochs,
             batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
             seed=args.seed,
         )
     )
