@@ -36,12 +36,16 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
 from pneumoseg.data.rle import EMPTY_RLE, encode_siim_rle, write_siim_csv
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "RadiographCase",
@@ -385,12 +389,35 @@ class RadiographCase:
         return f"{RADIOGRAPH_DIR}/{self.study_uid}/{self.series_uid}/{self.sop_uid}.dcm"
 
 
+def _phantom_dataset(
+    sop_class: str, sop_uid: str, study_uid: str, series_uid: str, patient_id: str, study_date: str
+) -> Dataset:
+    """The header every phantom file shares: file meta (explicit VR little endian), UIDs, patient, dates."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = _EXPLICIT_VR_LE
+    ds.file_meta.ImplementationClassUID = _uid("implementation")
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = patient_id
+    ds.PatientName = f"Phantom^{patient_id}"
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    return ds
+
+
 def write_radiograph_dicom(path: str | Path, image: np.ndarray, case: RadiographCase) -> Path:
     """Write a ``[H, W]`` display-look uint16 image as a CR DICOM file described by ``case``.
 
     MONOCHROME1 files store ``2**BitsStored - 1 - image`` so that a reader's inversion restores the look.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
 
     path = Path(path)
     image = np.asarray(image)
@@ -401,21 +428,8 @@ def write_radiograph_dicom(path: str | Path, image: np.ndarray, case: Radiograph
         raise ValueError(f"{path}: pixel value {int(image.max())} exceeds BitsStored={case.bits_stored}")
     stored = (top_value - image).astype(np.uint16) if case.photometric == "MONOCHROME1" else image
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = _CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = case.sop_uid
-    ds.file_meta.TransferSyntaxUID = _EXPLICIT_VR_LE
-    ds.file_meta.ImplementationClassUID = _uid("implementation")
-    ds.SOPClassUID = _CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = case.sop_uid
-    ds.StudyInstanceUID = case.study_uid
-    ds.SeriesInstanceUID = case.series_uid
-    ds.PatientID = case.patient_id
-    ds.PatientName = f"Phantom^{case.patient_id}"
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = case.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds = _phantom_dataset(_CR_IMAGE_STORAGE, case.sop_uid, case.study_uid, case.series_uid, case.patient_id,
+                          case.study_date)  # fmt: skip
     ds.AccessionNumber = ""
     ds.ReferringPhysicianName = ""
     ds.StudyID = str(case.index)
@@ -680,7 +694,6 @@ def write_ct_dicom_series(
     Each slice's ``pixel_array`` is ``[J, I]`` (rows = J), stored as ``HU + 1024`` (12 bit unsigned) with
     RescaleIntercept -1024, RescaleSlope 1.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -691,22 +704,9 @@ def write_ct_dicom_series(
     paths = []
     for k in range(size_k):
         sop_uid = _uid(seed, "ct-sop", case.index, k)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = _CT_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta.TransferSyntaxUID = _EXPLICIT_VR_LE
-        ds.file_meta.ImplementationClassUID = _uid("implementation")
-        ds.SOPClassUID = _CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = case.study_uid
-        ds.SeriesInstanceUID = case.series_uid
+        ds = _phantom_dataset(_CT_IMAGE_STORAGE, sop_uid, case.study_uid, case.series_uid, case.patient_id,
+                              "20200101")  # fmt: skip
         ds.FrameOfReferenceUID = case.frame_uid
-        ds.PatientID = case.patient_id
-        ds.PatientName = f"Phantom^{case.patient_id}"
-        ds.PatientSex = "O"
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200101"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.AccessionNumber = ""
         ds.ReferringPhysicianName = ""
         ds.StudyID = str(case.index)
