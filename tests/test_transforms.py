@@ -214,3 +214,45 @@ def test_ct_inference_chain_inverts_to_source_geometry(data: dict) -> None:
     pred = post(sample)["pred"]
     assert tuple(pred.shape) == (1, CT_SIZE, CT_SIZE, CT_SLICES)
     assert _dice(pred[0].numpy(), item["mask"]) > 0.7
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_percentile_scaling_matches_monai(as_numpy: bool) -> None:
+    # the project's faster percentile scaling must give MONAI's values (same percentile definition)
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    rng = np.random.default_rng(0)
+    for shape, (lower, upper) in [((1, 97, 61), (0.5, 99.5)), ((2, 40, 30), (5.0, 80.0)), ((1, 16, 16, 5), (0, 100))]:
+        x = (rng.gamma(2.0, 300.0, size=shape) - 100).astype(np.float32)
+        expected = ScaleIntensityRangePercentiles(lower, upper, 0.0, 1.0, clip=True)(torch.from_numpy(x))
+        image = x if as_numpy else MetaTensor(torch.from_numpy(x), meta={"filename_or_obj": "a.dcm"})
+        out = T.PercentileScaleIntensityd(keys="image", lower=lower, upper=upper)({"image": image})["image"]
+        assert type(out) is (np.ndarray if as_numpy else MetaTensor)
+        if not as_numpy:
+            assert out.meta["filename_or_obj"] == "a.dcm"
+        np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-6)
+        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    constant = T.PercentileScaleIntensity(0.5, 99.5, b_min=0.0)(torch.full((1, 8, 8), 7.0))
+    assert torch.equal(constant, torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="percentiles"):
+        T.PercentileScaleIntensity(60, 40)
+
+
+def test_radiograph_resize_averages_and_inverts_smoothly() -> None:
+    # shrinking by 2 averages 2x2 blocks (no aliasing); the prediction's inverse is bilinear, not replication
+    from monai.data import MetaTensor
+
+    checker = (np.indices((128, 128)).sum(0) % 2).astype(np.float32)  # worst case for aliasing
+    pre = T.radiograph_inference_transforms(spatial_size=64)
+    chain = T.Compose(pre.transforms[1:2])  # the resize alone
+    sample = chain({"image": MetaTensor(torch.from_numpy(checker)[None])})
+    np.testing.assert_allclose(sample["image"].numpy(), 0.5)
+    yy, xx = np.mgrid[:64, :64]
+    soft = 1 / (1 + np.exp(-(28.0 - np.hypot(yy - 32, xx - 30))))  # a soft disk
+    sample["pred"] = MetaTensor(torch.from_numpy(soft.astype(np.float32))[None], meta=dict(sample["image"].meta))
+    pred = T.invert_prediction_transforms(chain, sigmoid=False, threshold=None)(sample)["pred"]
+    assert tuple(pred.shape) == (1, 128, 128)
+    blocks = pred[0].numpy().reshape(64, 2, 64, 2)
+    assert np.abs(blocks - blocks[:, :1, :, :1]).max() > 0.01  # not 2x2 replicated blocks
+    assert sample["image"].applied_operations[-1]["extra_info"]["mode"] == "area"  # the sample is not changed
