@@ -69,15 +69,27 @@ def test_mask_png_and_nifti_round_trip(tmp_path):
         write_mask_png(tmp_path / "bad.png", vol)
 
 
-def test_overlay_sizes(tmp_path):
+def test_overlay_sizes_and_colours(tmp_path):
     image = (np.arange(64 * 80) % 256).astype(np.uint8).reshape(64, 80)
     path = write_overlay_png(tmp_path / "o.png", image, _mask((64, 80)), 0.73)
-    out = np.asarray(Image.open(path))
-    assert out.ndim == 3 and out.shape[2] == 3 and max(out.shape[:2]) >= 512  # small images enlarged
+    out = np.asarray(Image.open(path).convert("RGB"))
+    assert out.shape[2] == 3 and max(out.shape[:2]) >= 512  # small images enlarged
     big = np.zeros((2048, 1500), np.uint8)
-    out = np.asarray(Image.open(write_overlay_png(tmp_path / "b.png", big, _mask((2048, 1500)), 0.1)))
+    out = np.asarray(Image.open(write_overlay_png(tmp_path / "b.png", big, _mask((2048, 1500)), 0.1)).convert("RGB"))
     assert max(out.shape[:2]) == 1024
     assert (out[..., 0] > out[..., 2]).any()  # the red tint is there
+    # a grey ramp with a square: greys kept outside (within a grey level), tinted inside, yellow contour
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (512, 2))
+    square = np.zeros(ramp.shape, bool)
+    square[100:300, 200:400] = True
+    rgb = np.asarray(Image.open(write_overlay_png(tmp_path / "r.png", ramp, square, 0.5)).convert("RGB")).astype(int)
+    outside = ~square
+    outside[:20] = False  # the caption
+    assert np.abs(rgb[outside] - ramp[outside][:, None]).max() <= 2
+    inside = rgb[150:250, 250:350]
+    expected = ramp[150:250, 250:350].astype(float) * 0.6
+    assert np.abs(inside[..., 0] - (expected + 102)).max() <= 3 and np.abs(inside[..., 1] - expected).max() <= 3
+    assert (rgb[100, 200:400] == [255, 255, 0]).all() and (rgb[99, 200:400] != [255, 255, 0]).any()
 
 
 def _radiograph(tmp_path: Path, spacing_tag: str | None) -> pydicom.Dataset:
@@ -121,3 +133,14 @@ def test_empty_mask_seg_and_sanitize_does_not_touch_source(tmp_path):
     with pytest.raises(ValueError, match="source image"):
         write_dicom_seg(tmp_path / "bad.dcm", [ds, ds], empty, "n", "1")
     assert not os.path.exists(tmp_path / "bad.dcm")
+
+
+def test_contour_is_mask_minus_its_erosion():
+    from scipy import ndimage
+
+    from pneumoseg.writers import _contour
+
+    for seed in range(4):
+        mask = _mask((37, 53), seed=seed) | (np.random.default_rng(seed).random((37, 53)) > 0.6)
+        mask[0, :] = mask[:, -1] = True  # touching the border: the border is background
+        np.testing.assert_array_equal(_contour(mask), mask & ~ndimage.binary_erosion(mask, border_value=0))
