@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +20,12 @@ SUBCOMMANDS: dict[str, str] = {
     "infer": "pneumoseg.inference",
     "bundle": "pneumoseg.sharing",
 }
+
+# environment a subcommand needs before torch is imported (an explicit setting by the user wins).
+# infer: the model's OpenMP threads share the cores with the DataLoader workers and the writer thread;
+# GNU OpenMP's default spin-waiting at barriers burns CPU they need. Passive waiting measured +7% scans/s
+# end to end on 2 CPU cores (benchmarks/batch_infer.py); read by libgomp when torch loads it.
+SUBCOMMAND_ENVIRONMENT: dict[str, dict[str, str]] = {"infer": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -43,6 +50,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    for key, value in SUBCOMMAND_ENVIRONMENT.get(command or "", {}).items():
+        os.environ.setdefault(key, value)
     parser = build_parser(only=command if command in SUBCOMMANDS else "")
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -550,3 +550,18 @@ def test_seg_of_a_series_with_a_gap_and_a_duplicate(bundle, tmp_path):
     pixels = seg.get_pixels_by_source_instance([h.SOPInstanceUID for h in kept], segment_numbers=[1])
     assert np.array_equal(pixels[..., 0].astype(bool), mask.transpose(2, 1, 0))
     assert mask.any() and not mask.all()
+
+
+def test_infer_waits_passively_unless_the_user_chose(monkeypatch, tmp_path):
+    # set before torch loads OpenMP in `pneumoseg infer` processes; a user's own setting is kept
+    import os
+
+    from pneumoseg.cli import main
+
+    args = ["infer", str(tmp_path / "missing"), str(tmp_path / "out"), "--bundle", str(tmp_path)]
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(args) == 2
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(args) == 2
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
