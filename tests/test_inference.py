@@ -559,7 +559,8 @@ def test_infer_waits_passively_unless_the_user_chose(monkeypatch, tmp_path):
     from pneumoseg.cli import main
 
     args = ["infer", str(tmp_path / "missing"), str(tmp_path / "out"), "--bundle", str(tmp_path)]
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")  # records the original state: main()'s setting is undone after the test
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     assert main(args) == 2
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
