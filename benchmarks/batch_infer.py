@@ -5,7 +5,9 @@ In one run, on synthetic phantoms (``pneumoseg.data.phantoms``; nothing download
 * end-to-end scans/s on ``--radiographs`` (>= 200) 1024-px radiograph DICOMs (all output formats),
   against model-only forward images/s at the same batch size, precision and input size on tensors
   already in memory; their ratio (target >= 0.8: decoding, pre/post-processing and writing hide behind
-  the model);
+  the model), and where the CPU time of the end-to-end run went (DataLoader workers vs the main
+  process, whose writer thread is timed separately);
+* the same with the mask PNG as the only output (``--formats png``): what the SEG and overlay cost;
 * end-to-end CT volumes/s and slices/s on ``--ct`` (>= 3) DICOM series;
 * peak RSS of a fresh ``pneumoseg infer`` process (main process, and the largest DataLoader worker) on 100
   vs 400 radiographs (target: within 10%: memory does not grow with the folder); these two runs use a
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# as `pneumoseg infer` does (pneumoseg.cli.SUBCOMMAND_ENVIRONMENT), before torch loads OpenMP; the
+# model-only measurement runs in this process too, so both sides see the same setting
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def make_bundle(root: Path, image_size: int | None) -> Path:
@@ -92,19 +98,46 @@ def model_only(bundle: Path, batch_size: int, fp32: bool, repeats: int) -> float
         return batch_size * repeats / (time.perf_counter() - start)
 
 
-def end_to_end(bundle: Path, inputs: Path, out: Path, args: argparse.Namespace) -> tuple[float, int, dict]:
-    """(seconds of ``run()`` with the model preloaded, processed scans, summary)."""
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def end_to_end(
+    bundle: Path, inputs: Path, out: Path, args: argparse.Namespace, formats: str = "nifti,seg,png,overlay"
+) -> tuple[float, int, dict]:
+    """(seconds of ``run()`` with the model preloaded, processed scans, summary + CPU seconds per scan of
+    the main process, of its writer thread (post-processing + writing) and of the DataLoader workers)."""
     from pneumoseg.inference import BatchInferenceRunner, load_bundle_model
 
-    runner = BatchInferenceRunner(
+    class TimedRunner(BatchInferenceRunner):
+        writer_cpu = 0.0
+
+        def _finish(self, *a, **k):  # runs in the writer thread: its own CPU time
+            start = time.thread_time()
+            try:
+                return super()._finish(*a, **k)
+            finally:
+                TimedRunner.writer_cpu += time.thread_time() - start
+
+    runner = TimedRunner(
         str(bundle), str(inputs), str(out), batch_size=args.batch_size, workers=args.workers, fp32=args.fp32,
-        progress=False,
+        progress=False, formats=formats,
     )
     runner.model = load_bundle_model(bundle, runner.device)
+    main_before = _cpu_seconds(resource.RUSAGE_SELF)
+    workers_before = _cpu_seconds(resource.RUSAGE_CHILDREN)  # the workers have exited when run() returns
     start = time.perf_counter()
     runner.run()
     seconds = time.perf_counter() - start
     summary = json.loads((out / "report.json").read_text())["summary"]
+    n = max(1, int(summary["processed"]))
+    summary["cpu_ms_per_scan"] = {
+        "main": 1000 * (_cpu_seconds(resource.RUSAGE_SELF) - main_before) / n,
+        "writer_thread": 1000 * TimedRunner.writer_cpu / n,
+        "workers": 1000 * (_cpu_seconds(resource.RUSAGE_CHILDREN) - workers_before) / n,
+        "available": 1000 * seconds * (os.cpu_count() or 1) / n,
+    }
     return seconds, int(summary["processed"]), summary
 
 
@@ -177,16 +210,22 @@ def main() -> int:
         rss_bundle = make_bundle(work / "bundle_rss", args.rss_image_size)
         files = sorted((data / "dicom-images-train").rglob("*.dcm"))
 
-        for out in ("out_rad", "out_ct", "out_rss_a", "out_rss_b"):
+        for out in ("out_rad", "out_mask", "out_ct", "out_rss_a", "out_rss_b"):
             shutil.rmtree(work / out, ignore_errors=True)
         # model-only measured right before and right after the end-to-end run, averaged: a change of machine
         # load during the run then hits both sides alike
-        repeats = max(3, min(6, args.radiographs // args.batch_size))
+        repeats = max(3, min(12, args.radiographs // args.batch_size))
         model_before = model_only(bundle, args.batch_size, args.fp32, repeats)
         print(f"model-only before: {model_before:.3f} images/s", flush=True)
-        seconds, processed, _ = end_to_end(bundle, data / "dicom-images-train", work / "out_rad", args)
+        seconds, processed, summary = end_to_end(bundle, data / "dicom-images-train", work / "out_rad", args)
         e2e = processed / seconds
+        cpu = summary["cpu_ms_per_scan"]
         print(f"end-to-end radiographs: {processed} in {seconds:.1f} s = {e2e:.3f} scans/s", flush=True)
+        mask_seconds, mask_processed, _ = end_to_end(
+            bundle, data / "dicom-images-train", work / "out_mask", args, formats="png"
+        )
+        e2e_mask = mask_processed / mask_seconds
+        print(f"end-to-end radiographs, mask PNG only: {e2e_mask:.3f} scans/s", flush=True)
         model_after = model_only(bundle, args.batch_size, args.fp32, repeats)
         print(f"model-only after: {model_after:.3f} images/s", flush=True)
         model_ips = (model_before + model_after) / 2
@@ -221,6 +260,13 @@ def main() -> int:
             "model_images_per_s": round(model_ips, 3),
             "model_images_per_s_before_after": [round(model_before, 3), round(model_after, 3)],
             "ratio": round(e2e / model_ips, 3),
+            "cpu_ms_per_scan_workers": round(cpu["workers"], 1),
+            "cpu_ms_per_scan_main_process": round(cpu["main"], 1),
+            "cpu_ms_per_scan_of_which_writer_thread": round(cpu["writer_thread"], 1),
+            "cpu_ms_per_scan_available": round(cpu["available"], 1),
+            "model_cpu_ms_per_image_alone": round(1000 * torch.get_num_threads() / model_ips, 1),
+            "e2e_mask_png_only_scans_per_s": round(e2e_mask, 3),
+            "ratio_mask_png_only": round(e2e_mask / model_ips, 3),
             "ct_volumes": ct_processed,
             "ct_volumes_per_s": round(ct_processed / ct_seconds, 3),
             "ct_slices_per_s": round(ct_processed * args.ct_slices / ct_seconds, 2),
