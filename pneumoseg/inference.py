@@ -286,19 +286,39 @@ class ScanDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.scans)
 
-    def _load(self, scan: Scan) -> Any:
-        from pneumoseg.data.readers import ImageReadError, LoadNifti, LoadRadiograph
+    def _load(self, scan: Scan) -> tuple[Any, list[Any]]:
+        """(image, SEG source headers: pydicom datasets without pixel data, ``[]`` if not needed)."""
+        import pydicom
+
+        from pneumoseg.data.readers import (
+            ImageReadError,
+            LoadNifti,
+            LoadRadiograph,
+            radiograph_from_dataset,
+            read_dicom_header,
+        )
         from pneumoseg.data.series import LoadDicomSeries
 
+        headers: list[Any] = []
         if scan.kind in ("radiograph", "image"):
-            img = LoadRadiograph(frame=scan.frame)(scan.files[0])
+            if scan.kind == "radiograph":
+                # one parse for the pixels and the SEG's header (a deflated file would be inflated twice)
+                ds = read_dicom_header(scan.files[0])
+                img = radiograph_from_dataset(ds, scan.files[0], scan.frame)
+                if self.need_headers:
+                    del ds.PixelData  # the SEG needs no pixels, and they would be pickled to the main process
+                    headers = [ds]
+            else:
+                img = LoadRadiograph(frame=scan.frame)(scan.files[0])
             if img.dim() != 3 or img.shape[0] != 1 or min(img.shape[1:]) < MIN_SIZE:
                 raise ImageReadError(
                     f"{scan.source}: expected a 2D image of at least {MIN_SIZE} px, got {tuple(img.shape[1:])}"
                 )
-            return img
+            return img, headers
         if scan.kind == "series":
             img = LoadDicomSeries()(scan.files)
+            if self.need_headers:
+                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in self._slice_order(scan)]
         else:
             if self._nifti is None:  # once per process: MONAI's LoadImage builds all its readers
                 self._nifti = LoadNifti()
@@ -308,7 +328,7 @@ class ScanDataset(torch.utils.data.Dataset):
                 f"{scan.source}: expected a single-channel 3D volume [1, I, J, K] with I, J >= {MIN_SIZE}, "
                 f"got {list(img.shape)}"
             )
-        return img
+        return img, headers
 
     @staticmethod
     def _slice_order(scan: Scan) -> list[str]:
@@ -324,7 +344,7 @@ class ScanDataset(torch.utils.data.Dataset):
         scan = self.scans[index]
         start = time.perf_counter()
         try:
-            img = self._load(scan)
+            img, headers = self._load(scan)
             meta = img.meta
             spacing = [float(s) for s in np.asarray(meta.get("spacing", [1.0] * (img.dim() - 1)))]
             spacing_missing = bool(meta.get("spacing_missing", False))
@@ -339,12 +359,6 @@ class ScanDataset(torch.utils.data.Dataset):
                 display = _display_uint8(array)
             warnings = [str(w) for w in meta.get("series_warnings", [])]
             image = (self.chain_3d if scan.is_volume else self.chain_2d)({"image": img})["image"]
-            headers = []
-            if self.need_headers and scan.kind in ("radiograph", "series"):
-                import pydicom
-
-                files = self._slice_order(scan) if scan.kind == "series" else scan.files
-                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
             return {
                 "index": index,
                 "image": image,

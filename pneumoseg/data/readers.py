@@ -151,7 +151,12 @@ def read_dicom_radiograph(path: PathLike, frame: int | None = None) -> MetaTenso
     Returns:
         MetaTensor float32 ``[1, H, W]``, H = Rows, W = Columns (``pixel_array`` order).
     """
-    ds = read_dicom_header(path)
+    return radiograph_from_dataset(read_dicom_header(path), path, frame)
+
+
+def radiograph_from_dataset(ds: Dataset, path: PathLike, frame: int | None = None) -> MetaTensor:
+    """:func:`read_dicom_radiograph` of a dataset already read with its pixel data (``path`` names it in
+    errors and meta): for callers that need the header too, without parsing the file twice."""
     try:
         n_frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
@@ -171,7 +176,8 @@ def read_dicom_radiograph(path: PathLike, frame: int | None = None) -> MetaTenso
         elif arr.ndim == 3:  # RGB (pydicom converted YBR_* to RGB already); no LUTs apply to colour
             image = _to_luminance(arr)
         elif arr.ndim == 2:
-            image = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+            # float32 is exact for stored values (<= 16 bit) and is what the tensor holds anyway
+            image = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32, copy=False)
             if photometric == "MONOCHROME1":
                 # pydicom leaves MONOCHROME1 as stored (checked in tests): invert within the LUT output range
                 lo, hi = display_range(ds)
