@@ -77,8 +77,9 @@ def link_copies(files: list[Path], dest: Path, n: int) -> Path:
     return dest
 
 
-def model_only(bundle: Path, batch_size: int, fp32: bool, repeats: int) -> float:
-    """Forward images/s of the runner's network wrapper (same precision / channels_last) on random input."""
+def model_only(bundle: Path, batch_size: int, fp32: bool, repeats: int) -> tuple[float, float]:
+    """(forward images/s, CPU ms per image) of the runner's network wrapper (same precision / channels_last)
+    on random input. The CPU time is the process's: below threads x wall time where the threads wait."""
     import torch
 
     from pneumoseg.inference import _precision, _PrecisionWrapper, load_bundle_model, select_device
@@ -91,11 +92,14 @@ def model_only(bundle: Path, batch_size: int, fp32: bool, repeats: int) -> float
     x = torch.rand(batch_size, 1, model.image_size, model.image_size, device=device)
     with torch.inference_mode():
         wrapped(x)  # warm-up
+        cpu_start = _cpu_seconds(resource.RUSAGE_SELF)
         start = time.perf_counter()
         for _ in range(repeats):
             out = wrapped(x)
             torch.sigmoid(out.seg).cpu()
-        return batch_size * repeats / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        images = batch_size * repeats
+        return images / seconds, 1000 * (_cpu_seconds(resource.RUSAGE_SELF) - cpu_start) / images
 
 
 def _cpu_seconds(who: int) -> float:
@@ -179,6 +183,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="as pneumoseg infer --workers (default 2)")
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: the bundle's)")
     p.add_argument("--fp32", action="store_true", help="full precision (default: the runner's default)")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads of the model, in the model-only and end-to-end runs alike (default: torch's, "
+        "one per core). Fewer threads than cores leave the rest to decoding and writing: shows whether the "
+        "pipeline hides them when it has CPU of its own",
+    )
     p.add_argument("--rss", type=int, nargs=2, default=(100, 400), help="scan counts of the RSS runs")
     p.add_argument(
         "--rss-image-size", type=int, default=128,
@@ -195,7 +205,12 @@ def main() -> int:
         args.rss = (12, 48)
         args.rss_image_size = 64
 
+    import torch
+
     from pneumoseg.data.phantoms import synthesize
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="batch_infer_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -215,7 +230,7 @@ def main() -> int:
         # model-only measured right before and right after the end-to-end run, averaged: a change of machine
         # load during the run then hits both sides alike
         repeats = max(3, min(12, args.radiographs // args.batch_size))
-        model_before = model_only(bundle, args.batch_size, args.fp32, repeats)
+        model_before, model_cpu_before = model_only(bundle, args.batch_size, args.fp32, repeats)
         print(f"model-only before: {model_before:.3f} images/s", flush=True)
         seconds, processed, summary = end_to_end(bundle, data / "dicom-images-train", work / "out_rad", args)
         e2e = processed / seconds
@@ -226,7 +241,7 @@ def main() -> int:
         )
         e2e_mask = mask_processed / mask_seconds
         print(f"end-to-end radiographs, mask PNG only: {e2e_mask:.3f} scans/s", flush=True)
-        model_after = model_only(bundle, args.batch_size, args.fp32, repeats)
+        model_after, model_cpu_after = model_only(bundle, args.batch_size, args.fp32, repeats)
         print(f"model-only after: {model_after:.3f} images/s", flush=True)
         model_ips = (model_before + model_after) / 2
         ct_seconds, ct_processed, _ = end_to_end(bundle, data / "ct-dicom", work / "out_ct", args)
@@ -239,8 +254,6 @@ def main() -> int:
                 f"at the end {rss[n][2]:.0f} MiB",
                 flush=True,
             )
-        import torch
-
         from pneumoseg.inference import _precision, select_device
 
         dtype, channels_last = _precision(select_device("auto"), args.fp32)
@@ -264,7 +277,7 @@ def main() -> int:
             "cpu_ms_per_scan_main_process": round(cpu["main"], 1),
             "cpu_ms_per_scan_of_which_writer_thread": round(cpu["writer_thread"], 1),
             "cpu_ms_per_scan_available": round(cpu["available"], 1),
-            "model_cpu_ms_per_image_alone": round(1000 * torch.get_num_threads() / model_ips, 1),
+            "model_cpu_ms_per_image_alone": round((model_cpu_before + model_cpu_after) / 2, 1),
             "e2e_mask_png_only_scans_per_s": round(e2e_mask, 3),
             "ratio_mask_png_only": round(e2e_mask / model_ips, 3),
             "ct_volumes": ct_processed,
