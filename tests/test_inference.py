@@ -566,3 +566,34 @@ def test_infer_waits_passively_unless_the_user_chose(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert main(args) == 2
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_negative_scans_get_empty_outputs_in_source_geometry(bundle, tmp_path):
+    """A classification threshold no image reaches: every mask is empty (no inversion is run for it), yet
+    every output is written, in the source geometry, and the SEG reads back as "nothing found"."""
+    negative = tmp_path / "bundle"
+    shutil.copytree(bundle, negative)
+    params = json.loads((negative / "configs" / "postprocessing.json").read_text())
+    (negative / "configs" / "postprocessing.json").write_text(json.dumps({**params, "t_cls": 1.01}))
+    inputs = tmp_path / "in"
+    case = phantoms.plan_radiographs(1, seed=5, size=96)[0]
+    _radiograph(inputs, "cr/a.dcm", case)
+    ct = phantoms.plan_ct(1, seed=5)[0]
+    hu, _, spacing = phantoms.draw_ct_case(ct, 5, SIZE, 5)
+    phantoms.write_ct_dicom_series(inputs / "ct", hu, spacing, ct, seed=5)
+    out = tmp_path / "out"
+    assert _runner(negative, inputs, out).run() == 0
+    rows = {r["kind"]: r for r in _rows(out)}
+    assert set(rows) == {"radiograph", "series"}
+    for row in rows.values():
+        assert (row["status"], row["positive"], row["mask_pixels"], row["components"]) == ("ok", "no", 0, 0)
+        assert (out / row["overlay"]).is_file()
+    source = pydicom.dcmread(inputs / "cr/a.dcm", stop_before_pixels=True)
+    mask = np.asarray(Image.open(out / rows["radiograph"]["mask"]))
+    assert mask.shape == (source.Rows, source.Columns) and not mask.any()
+    volume = nib.load(str(out / rows["series"]["mask"]))
+    assert volume.shape == (SIZE, SIZE, 5) and not np.asarray(volume.dataobj).any()
+    assert rows["series"]["volume_ml"] == 0.0
+    seg = hd.seg.segread(out / rows["radiograph"]["seg"])
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])
+    assert pixels.shape[1:3] == (source.Rows, source.Columns) and not pixels.any()
