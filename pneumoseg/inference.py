@@ -606,7 +606,7 @@ class BatchInferenceRunner:
         """Post-process, invert to the source geometry, measure, write outputs and the record; the row."""
         from scipy import ndimage
 
-        from pneumoseg.data.transforms import invert_prediction_transforms
+        from pneumoseg.data.transforms import invert_prediction_transforms, invert_radiograph_mask
 
         start = time.perf_counter()
         assert self.model is not None
@@ -615,9 +615,12 @@ class BatchInferenceRunner:
         chain = self._dataset.chain_3d if scan.is_volume else self._dataset.chain_2d
         from monai.data import MetaTensor
 
+        mask = None
         if not bool(mask_small.any()):  # most scans: the inverse of an empty mask is empty, ~5 ms saved
             mask = np.zeros(item["shape"], dtype=bool)
-        else:
+        elif not scan.is_volume:
+            mask = invert_radiograph_mask(mask_small, image, threshold=0.5)
+        if mask is None:
             inverted = invert_prediction_transforms(chain, sigmoid=False, threshold=0.5)(
                 {"image": image, "pred": MetaTensor(mask_small, meta=dict(image.meta))}
             )["pred"]

