@@ -118,6 +118,7 @@ def test_seg_of_a_radiograph_reads_back(tmp_path, spacing):
     measured = [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
     expected = {"PixelSpacing": ds.get("PixelSpacing"), "ImagerPixelSpacing": ds.get("ImagerPixelSpacing")}.get(spacing)
     assert measured == ([float(v) for v in expected] if expected else [1.0, 1.0])
+    assert "PatientBirthDate" not in ds and "AccessionNumber" not in ds  # added to a copy only
     again = write_dicom_seg(tmp_path / "seg2.dcm", [ds], mask[None], "n", "1", uid_seed="x")
     assert pydicom.dcmread(again).SOPInstanceUID == seg.SOPInstanceUID  # stable UIDs per scan
 
@@ -129,6 +130,7 @@ def test_empty_mask_seg_and_sanitize_does_not_touch_source(tmp_path):
     assert ds == original and not guessed and spacing == [float(v) for v in ds.PixelSpacing]
     empty = np.zeros((1, ds.Rows, ds.Columns), bool)
     seg = hd.seg.segread(write_dicom_seg(tmp_path / "e.dcm", [ds], empty, "n", "1"))
+    assert ds == original  # nor does writing the SEG (highdicom gets a top-level copy)
     assert not seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1]).any()
     with pytest.raises(ValueError, match="source image"):
         write_dicom_seg(tmp_path / "bad.dcm", [ds, ds], empty, "n", "1")
@@ -144,3 +146,19 @@ def test_contour_is_mask_minus_its_erosion():
         mask = _mask((37, 53), seed=seed) | (np.random.default_rng(seed).random((37, 53)) > 0.6)
         mask[0, :] = mask[:, -1] = True  # touching the border: the border is background
         np.testing.assert_array_equal(_contour(mask), mask & ~ndimage.binary_erosion(mask, border_value=0))
+
+
+def test_memoised_highdicom_lookup_answers_as_highdicom(tmp_path):
+    from highdicom import _standard_utils, base
+
+    write_dicom_seg(tmp_path / "s.dcm", [_radiograph(tmp_path, "PixelSpacing")], np.ones((1, 48, 48), bool), "n", "1")
+    memo = _standard_utils.is_attribute_in_iod
+    assert base.is_attribute_in_iod is memo and memo.__wrapped__ is not memo  # installed in both places
+    ct, cr, seg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.66.4"
+    for attribute in ("PixelData", "ContentDate", "ContentTime", "NumberOfFrames", "PatientName", "NoSuchThing"):
+        for sop in (ct, cr, seg):
+            for exclude in (None, ["IconImageSequence"]):
+                want = memo.__wrapped__(attribute, sop, exclude_path_elements=exclude)
+                assert memo(attribute, sop, exclude_path_elements=exclude) == want, (attribute, sop, exclude)
+                assert memo(attribute, sop, exclude) == want  # cached, positional
+    assert memo("PixelData", cr) and not memo("NoSuchThing", cr)
