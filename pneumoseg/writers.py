@@ -150,9 +150,11 @@ def _overlay_palette() -> list[int]:
 
 
 _PALETTE = _overlay_palette()
-# uint8 display value -> palette index, outside / inside the mask
+# uint8 display value -> palette index, outside / inside the mask; one table for both, indexed by
+# value + 256 * in_mask: one lookup whatever the mask's size
 _PLAIN_INDEX = np.round(np.arange(256) * 127 / 255).astype(np.uint8)
 _TINTED_INDEX = (128 + np.round(np.arange(256) * 126 / 255)).astype(np.uint8)
+_INDEX = np.concatenate([_PLAIN_INDEX, _TINTED_INDEX])
 _YELLOW, _BLACK = 255, 0
 
 
@@ -193,8 +195,9 @@ def write_overlay_png(
         # thin contours vanish when downscaled: dilate in proportion first
         thick = ndimage.binary_dilation(contour, iterations=max(1, round(1 / scale / 2)))
         contour = np.asarray(Image.fromarray(thick).resize(size, Image.Resampling.NEAREST))
-    index = _PLAIN_INDEX.take(grey)
-    index[mask] = _TINTED_INDEX.take(grey[mask])  # masks are small: cheaper than a full np.where
+    key = np.left_shift(mask, 8, dtype=np.uint16)  # casts: PIL's bool masks may hold 255, not 1
+    key |= grey
+    index = _INDEX.take(key)
     index[contour] = _YELLOW
     out = Image.fromarray(index, mode="P")
     out.putpalette(_PALETTE)
