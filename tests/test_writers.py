@@ -162,3 +162,29 @@ def test_memoised_highdicom_lookup_answers_as_highdicom(tmp_path):
                 assert memo(attribute, sop, exclude_path_elements=exclude) == want, (attribute, sop, exclude)
                 assert memo(attribute, sop, exclude) == want  # cached, positional
     assert memo("PixelData", cr) and not memo("NoSuchThing", cr)
+
+
+@pytest.mark.parametrize("with_isal", [True, False])
+def test_encode_png_round_trips_with_pillow(monkeypatch, with_isal):
+    import io
+    import sys
+
+    from pneumoseg.writers import encode_png
+
+    if not with_isal:  # the zlib fallback
+        monkeypatch.setitem(sys.modules, "isal", None)
+    rng = np.random.default_rng(1)
+    for shape in ((1, 1), (3, 517), (64, 80)):
+        grey = rng.integers(0, 256, shape, dtype=np.uint8)
+        image = Image.open(io.BytesIO(encode_png(grey)))
+        assert image.mode == "L" and np.array_equal(np.asarray(image), grey)
+        palette = [v for i in range(4) for v in (i * 80, 255 - i * 80, 7)]
+        indices = (grey % 4).astype(np.uint8)
+        image = Image.open(io.BytesIO(encode_png(indices, palette=palette)))
+        assert image.mode == "P" and np.array_equal(np.asarray(image), indices)
+        rgb = np.asarray(image.convert("RGB"))
+        assert np.array_equal(rgb, np.asarray(palette, np.uint8).reshape(-1, 3)[indices])
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match="palette"):
+        encode_png(np.zeros((4, 4), np.uint8), palette=[1, 2])
