@@ -236,7 +236,8 @@ def main() -> int:
             shutil.rmtree(work / out, ignore_errors=True)
         # model-only measured right before and right after the end-to-end run, averaged: a change of machine
         # load during the run then hits both sides alike
-        repeats = max(3, min(12, args.radiographs // args.batch_size))
+        # as many images as the end-to-end run: this machine's speed drifts by several % over a minute
+        repeats = max(3, args.radiographs // args.batch_size)
         model_before, model_cpu_before = model_only(bundle, args.batch_size, args.fp32, repeats)
         print(f"model-only before: {model_before:.3f} images/s", flush=True)
         seconds, processed, summary = end_to_end(bundle, data / "dicom-images-train", work / "out_rad", args)
