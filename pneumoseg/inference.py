@@ -256,9 +256,10 @@ def _display_uint8(image: np.ndarray, lo: float | None = None, hi: float | None 
 class ScanDataset(torch.utils.data.Dataset):
     """Decode + preprocess one scan per item (runs in DataLoader workers).
 
-    Item: ``{"index", "image": MetaTensor [1, S, S] or [1, S, S, K] (model input, with the applied
-    operations for inversion), "display": uint8 tensor [H, W] or [I, J, K] (overlay background), "headers":
-    pydicom datasets of the DICOM sources (SEG), "spacing", "affine", "shape", "seconds"}``, or
+    Item: ``{"index", "image": tensor [1, S, S] or [1, S, S, K] (model input), "image_meta" and
+    "image_ops" (its MetaTensor's meta and applied operations, for inversion), "display": uint8 tensor
+    [H, W] or [I, J, K] (overlay background), "headers": pydicom datasets of the DICOM sources (SEG),
+    "spacing", "affine", "shape", "seconds"}``, or
     ``{"index", "error": message, "seconds"}`` when the scan cannot be read (the run goes on).
     """
 
@@ -364,7 +365,11 @@ class ScanDataset(torch.utils.data.Dataset):
             image = (self.chain_3d if scan.is_volume else self.chain_2d)({"image": img})["image"]
             return {
                 "index": index,
-                "image": image,
+                # the MetaTensor in parts: every tensor crosses to the main process as a shared-memory file
+                # of its own (a round trip to torch_shm_manager), and its meta holds two 4x4 affines
+                "image": image.as_tensor(),
+                "image_meta": {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in image.meta.items()},
+                "image_ops": list(image.applied_operations),
                 "display": display,
                 "headers": headers,
                 "spacing": spacing,
@@ -611,10 +616,10 @@ class BatchInferenceRunner:
         start = time.perf_counter()
         assert self.model is not None
         mask_small = self._postprocess(seg_prob, cls_prob)
-        image = item["image"]
-        chain = self._dataset.chain_3d if scan.is_volume else self._dataset.chain_2d
         from monai.data import MetaTensor
 
+        image = MetaTensor(item["image"], meta=item["image_meta"], applied_operations=item["image_ops"])
+        chain = self._dataset.chain_3d if scan.is_volume else self._dataset.chain_2d
         mask = None
         if not bool(mask_small.any()):  # most scans: the inverse of an empty mask is empty, ~5 ms saved
             mask = np.zeros(item["shape"], dtype=bool)
