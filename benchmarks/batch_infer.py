@@ -215,7 +215,11 @@ def main() -> int:
     import torch
 
     from pneumoseg.data.phantoms import synthesize
+    from pneumoseg.runtime import retain_freed_memory
 
+    # as the runner does when it starts (pneumoseg.runtime): the model-only side is measured with the same
+    # allocator behaviour as the end-to-end side
+    retained = retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -272,6 +276,7 @@ def main() -> int:
             "device": str(select_device("auto")),
             "precision": str(dtype or torch.float32).removeprefix("torch.") + (" + channels_last" * channels_last),
             "threads": torch.get_num_threads(),
+            "retain_freed_memory": retained,
             "radiograph_size": args.size,
             "model_input": json.loads((bundle / "configs" / "inference.json").read_text()).get("image_size"),
             "batch_size": args.batch_size,

@@ -51,6 +51,7 @@ from pneumoseg.report import (
     summary_line,
     write_report,
 )
+from pneumoseg.runtime import release_freed_memory, retain_freed_memory
 from pneumoseg.writers import (
     atomic_write,
     file_digest,
@@ -82,7 +83,10 @@ RUN_NAME = "run.json"
 SCANS_DIR = "scans"
 RECORD_VERSION = 1
 MIN_SIZE = 8  # smaller images (per axis) are reported as wrong dimensions, not fed to the model
-TRIM_EVERY = 32  # scans between returns of freed memory to the OS (see _release_freed_memory)
+# scans between returns of freed memory to the OS (pneumoseg.runtime.release_freed_memory). Rare: each return
+# makes the next forward pass fault its activations in again (every 32 scans cost 5% scans/s), and the
+# resident size measured flat without any (100 vs 400 scans, benchmarks/batch_infer.py)
+TRIM_EVERY = 1024
 PERCENTILES = (0.5, 99.5)  # display window of radiograph overlays (same as the preprocessing)
 
 
@@ -395,22 +399,6 @@ def _quiet_optional_codecs() -> None:
     it builds, also in each worker): pydicom's own decoders are what this pipeline uses, on purpose."""
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by the writer thread back to the OS (glibc ``malloc_trim``; no-op elsewhere).
-
-    The writer thread allocates large arrays of varying sizes in its own malloc arena; glibc keeps what is
-    freed there, so without this the resident size creeps up with the number of scans (measured: +0.5 MB
-    per 1024-px radiograph) although nothing is leaked.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -742,6 +730,8 @@ class BatchInferenceRunner:
         """Process the shard; write records and the report; 0 if no scan errored, 1 otherwise."""
         started = time.perf_counter()
         _quiet_optional_codecs()
+        # the forward passes reuse their activations' memory instead of faulting in fresh pages each time
+        retain_freed_memory()
         if not self.input_dir.is_dir():
             raise FileNotFoundError(f"input folder not found: {self.input_dir}")
         if self.output_dir.resolve().is_relative_to(self.input_dir.resolve()):
@@ -856,7 +846,7 @@ class BatchInferenceRunner:
                     row = self._error_row(scan, f"{type(e).__name__}: {scan.source}: {e}", 0.0)
                 rows[scan.scan_id] = row
                 if len(rows) % TRIM_EVERY == 0:
-                    _release_freed_memory()
+                    release_freed_memory()
                 if bar is not None:
                     bar.update(1)
                 if row["status"] == "error" and self.strict:
@@ -933,6 +923,7 @@ class BatchInferenceRunner:
             else:
                 collect(0)
             writer.shutdown(wait=True)
+            release_freed_memory()  # what the run kept for reuse goes back when it ends
             torch.multiprocessing.set_sharing_strategy(sharing_strategy)
             if bar is not None:
                 bar.close()
