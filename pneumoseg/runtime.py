@@ -46,8 +46,11 @@ def retain_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     return it. Process-wide and not undone (glibc's adaptive threshold stays off once set), so call it
     from the program that owns the process: ``pneumoseg infer``, the bundle's workflows.
 
-    Measured (``benchmarks/batch_infer.py`` model-only, 2-core CPU, bf16, batch 8, 512 px): 8.7 -> 13.2
-    images/s; training 256 px fp32, batch 8: 6.1 -> 7.5 images/s; peak resident size +0.3 GB.
+    Measured (2-core CPU): model-only in ``benchmarks/batch_infer.py`` (bf16, batch 8, 512 px) 8.7 -> 13.2
+    images/s; a training step (256 px, fp32, batch 8) 6.1 -> 7.5 images/s. The price is memory: freed blocks
+    of very different sizes leave holes a larger block does not fit, and what is kept stays resident.
+    Peak resident size of ``pneumoseg infer``: +0.3 GB on radiographs; +0.6 GB on CT volumes of
+    512 x 512 x 96 (1.58 -> 2.17 GB; 2.23 GB over 4x as many volumes: it does not creep).
 
     Returns:
         True if applied; False on a C library without ``mallopt`` or when opted out by the environment.
