@@ -170,8 +170,10 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pneumoseg.runtime import retain_freed_memory
     from pneumoseg.sharing.evaluate import evaluate_site
 
+    retain_freed_memory()  # this command owns the process: forward passes reuse their activations' memory
     result = evaluate_site(
         args.bundle,
         args.manifest,
