@@ -222,8 +222,8 @@ def main() -> int:
     from pneumoseg.data.phantoms import synthesize
     from pneumoseg.runtime import retain_freed_memory
 
-    # as the runner does when it starts (pneumoseg.runtime): the model-only side is measured with the same
-    # allocator behaviour as the end-to-end side
+    # as `pneumoseg infer` and the bundle's inference config do before running (pneumoseg.runtime): both
+    # sides, model-only and end-to-end, measured with the same allocator behaviour
     retained = retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
