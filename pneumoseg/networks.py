@@ -452,6 +452,14 @@ class SCSEUNet(nn.Module):
         pretrained_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
+        # the constructor arguments, for the model record (pneumoseg.model_record.describe_network): what
+        # this network is travels with its weights as data. pretrained_path is not kept: the weights carry it
+        self.init_kwargs = {
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
+            "decoder_channels": [int(c) for c in decoder_channels], "reduction": reduction,
+            "head_channels": head_channels, "hypercolumn": hypercolumn, "cls_dropout": cls_dropout,
+            "norm": norm, "upsample_mode": upsample_mode, "pad_input": pad_input,
+        }  # fmt: skip
         self.spatial_dims = spatial_dims
         self.pad_input = pad_input
         self.total_stride = TOTAL_STRIDE  # an attribute, since TorchScript cannot read module globals
