@@ -354,6 +354,21 @@ def test_documents_are_reported_and_never_run(world, tmp_path: Path):
     assert not any(world["markers"].iterdir())
 
 
+def test_received_text_cannot_drive_the_terminal(world, tmp_path: Path):
+    """Names and values verify prints come from the sender: escape sequences are shown escaped."""
+    meta = json.loads(world["base"]["configs/metadata.json"])
+    escape = "\x1b]0;owned\x07\x1b[2J\u202e"
+    files = {
+        **world["base"],
+        "configs/metadata.json": json.dumps({**meta, "name": f"Lung{escape}"}).encode(),
+        "reference/configs/train.json": json.dumps({f"key{escape}": f"value{escape}"}).encode(),
+    }
+    report = verify_bundle(pack(files, tmp_path / "escape.zip", key=world["key"]), trusted_keys=world["trusted"])
+    table = report.table(differences=True)
+    assert report.ok and "\x1b" not in table and "\u202e" not in table and "\x07" not in table
+    assert "name: Lung\\x1b]0;owned\\x07\\x1b[2J\\u202e" in table and "key\\x1b]0;owned" in table
+
+
 @pytest.mark.parametrize(
     "files,reason",
     [

@@ -38,6 +38,7 @@ __all__ = [
     "checksum_manifest",
     "classify",
     "printable",
+    "shortened",
     "read_folder",
     "read_zip",
     "write_zip",
@@ -155,10 +156,20 @@ def _fold(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold()
 
 
-def printable(text: str, limit: int = 120) -> str:
-    """Received text safe to print on a terminal: escapes (no control sequences), bounded length."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+def shortened(text: str, limit: int = 120) -> str:
+    """At most ``limit`` characters of received text (for messages; :func:`printable` escapes them where
+    they are printed)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, limit: int | None = 120) -> str:
+    """Received text safe to print on a terminal: control characters (escape sequences) and bidirectional
+    overrides shown escaped (``\\x1b``); at most ``limit`` characters."""
+    shown = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return shown if limit is None or len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 # =============================================================================================== zip
@@ -235,7 +246,7 @@ def read_zip(
                     n_bytes, sha256 = _stream(src, dst, info.file_size)
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, ValueError) as err:
                 # CRC mismatch, corrupt or truncated deflate stream, more data than declared
-                return [f"{printable(info.filename)}: unreadable ({printable(str(err))})"], {}
+                return [f"{shortened(info.filename)}: unreadable ({shortened(str(err))})"], {}
             members[name] = Member(name, n_bytes, sha256, target)
     return [], members
 
@@ -249,7 +260,7 @@ def _screen(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> tuple[list[s
     total = 0
     for info in infos:
         raw = info.filename
-        shown = printable(raw)
+        shown = shortened(raw)
         problem = _name_problem(raw)
         if problem:
             problems.append(f"{shown}: {problem}")
@@ -285,7 +296,7 @@ def _screen(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> tuple[list[s
     if len(tops) > 1:
         problems.append(f"members in {len(tops)} top-level folders (one, the bundle's name, expected)")
     elif tops and not _TOP_FOLDER.fullmatch(next(iter(tops))):
-        problems.append(f"top-level folder {printable(next(iter(tops)))}: not a plain name")
+        problems.append(f"top-level folder {shortened(next(iter(tops)))}: not a plain name")
     if total > limits.max_total_bytes:
         problems.append(f"{total} bytes uncompressed in all, more than the {limits.max_total_bytes} allowed")
     if sum(1 for n in accepted if n.startswith("reference/")) > MAX_REFERENCE_CONFIGS:
@@ -328,7 +339,7 @@ def read_folder(root: str | os.PathLike, limits: ArchiveLimits) -> tuple[list[st
                 if entries > limits.max_members:
                     return [f"more than {limits.max_members} entries (--max-members)"], {}
                 rel = f"{folder}/{entry.name}" if folder else entry.name
-                shown = printable(rel)
+                shown = shortened(rel)
                 mode = entry.stat(follow_symlinks=False).st_mode
                 if stat.S_ISLNK(mode):
                     problems.append(f"{shown}: symbolic link")
@@ -356,7 +367,7 @@ def read_folder(root: str | os.PathLike, limits: ArchiveLimits) -> tuple[list[st
             with open(root / rel, "rb") as f:
                 read, sha256 = _stream(f, None, size)
         except (OSError, ValueError) as err:  # unreadable, or grew while it was read
-            return [f"{rel}: unreadable ({printable(str(err))})"], {}
+            return [f"{rel}: unreadable ({shortened(str(err))})"], {}
         members[rel] = Member(rel, read, sha256, root / rel)
     return [], members
 

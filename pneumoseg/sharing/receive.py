@@ -91,8 +91,10 @@ def import_bundle(
             raise BundleRejected(report)
         make_read_only(staging)
         if into.exists():
+            # renamed within its parent: moving a read-only folder to another parent needs write
+            # permission on the folder itself (its ".." entry changes)
             old = Path(tempfile.mkdtemp(prefix=f".{into.name}.replaced-", dir=into.parent))
-            os.replace(into, old / "bundle")
+            os.replace(into, old)
             os.replace(staging, into)
             remove_tree(old)
         else:

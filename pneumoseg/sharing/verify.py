@@ -33,6 +33,7 @@ from pneumoseg.sharing.archive import (
     printable,
     read_folder,
     read_zip,
+    shortened,
 )
 from pneumoseg.sharing.signing import TrustedKey, check_signature, default_trusted_keys_dir, load_trusted_keys
 
@@ -85,20 +86,22 @@ class VerifyReport:
 
     def table(self, width: int = 150, differences: bool = False) -> str:
         """The table a person reads (received text escaped: no terminal control sequences)."""
+        # details quote received text (names, values): escaped, whatever made them
         rows = [("STATUS", "CHECK", "SUBJECT", "DETAIL")] + [
-            (c.status, c.check, c.subject, c.detail) for c in self.checks
+            (c.status, c.check, printable(c.subject, None), printable(c.detail, None)) for c in self.checks
         ]
         w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
         w2 = min(36, max(len(r[2]) for r in rows))
         lines = [f"bundle: {self.source}"]
         if self.name is not None:
-            lines.append(f"name: {self.name}, version {self.version}")
+            lines.append(f"name: {printable(self.name, None)}, version {printable(str(self.version), None)}")
         lines.append(f"signer: {self.signer or 'none verified'}")
         for r in rows:
             detail = r[3] if len(r[3]) <= width else r[3][: width - 3] + "..."
             lines.append(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<{w2}}  {detail}".rstrip())
             if differences and r[2] in self.differences and r[0] == "NOTE":
-                lines += [f"{'':<{w0}}  {'':<{w1}}  {'':<{w2}}    {d}" for d in self.differences[r[2]]]
+                indent = " " * (w0 + w1 + w2 + 8)
+                lines += [indent + printable(d, None) for d in self.differences[r[2]]]
         if self.stopped:
             lines.append(f"not checked further: {self.stopped}")
         failed = sum(c.status == "FAIL" for c in self.checks)
@@ -191,9 +194,9 @@ def _check_checksums(report: VerifyReport, members: Mapping[str, Member]) -> byt
         if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             problems.append(f"{CHECKSUM_FILE} line {number}: not '<sha256>  <path>'")
         elif name in listed:
-            problems.append(f"{CHECKSUM_FILE} line {number}: {printable(name)} listed twice")
+            problems.append(f"{CHECKSUM_FILE} line {number}: {shortened(name)} listed twice")
         elif name in (CHECKSUM_FILE, SIGNATURE_FILE) or classify(name):
-            problems.append(f"{CHECKSUM_FILE} line {number}: {printable(name)} is not a member a bundle can list")
+            problems.append(f"{CHECKSUM_FILE} line {number}: {shortened(name)} is not a member a bundle can list")
         else:
             listed[name] = digest
     present = {n for n in members if n not in (CHECKSUM_FILE, SIGNATURE_FILE)}
@@ -264,7 +267,7 @@ def _check_record_and_weights(report: VerifyReport, members: Mapping[str, Member
     shapes = [k for k in expected if k in found and expected[k] != found[k]]
     problems = []
     if missing or extra or shapes:
-        unexpected = [printable(k, 60) for k in extra[:3]]
+        unexpected = [shortened(k, 60) for k in extra[:3]]
         problems.append(
             f"does not fit the record's network: missing {missing[:3]}, unexpected {unexpected}, "
             f"shape mismatches {shapes[:3]}"
@@ -329,7 +332,7 @@ def _check_metadata(report: VerifyReport, members: Mapping[str, Member]) -> None
     if problems:
         report.add("metadata", member.name, problems)
         return
-    report.name, report.version = printable(value["name"], 80), printable(value["version"], 40)
+    report.name, report.version = shortened(value["name"], 80), shortened(value["version"], 40)
     report.add("metadata", member.name, [], "plain data, valid against MONAI's schema (this installation's copy)")
 
 
@@ -371,7 +374,7 @@ def config_differences(received: Any, installed: Any) -> list[tuple[str, Any, An
 def _shown(value: Any) -> str:
     import json
 
-    return "(absent)" if value is ... else printable(json.dumps(value), 60)
+    return "(absent)" if value is ... else shortened(json.dumps(value), 60)
 
 
 def _check_reference_config(report: VerifyReport, member: Member) -> None:
@@ -393,7 +396,9 @@ def _check_reference_config(report: VerifyReport, member: Member) -> None:
         compared = "no installed config of that name"
     else:
         diffs = config_differences(value, read_json(template))
-        report.differences[member.name] = [f"{k}: {_shown(old)} -> {_shown(new)}" for k, old, new in diffs[:200]]
+        report.differences[member.name] = [
+            f"{shortened(k, 80)}: {_shown(old)} -> {_shown(new)}" for k, old, new in diffs[:200]
+        ]
         compared = f"same values as the installed configs/{template.name}"
         if diffs:
             first = "; ".join(report.differences[member.name][:2])
