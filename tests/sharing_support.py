@@ -38,11 +38,15 @@ def sender_bundle(dest: Path, seed: int = 0) -> Path:
     shutil.copytree(installed_bundle(), dest, ignore=shutil.ignore_patterns("*.pt", "eval", "predictions", ".gitkeep"))
     network = tiny_network(seed)
     torch.save({"model": network.state_dict()}, dest / "models" / "model.pt")
-    record = ModelRecord.for_training(network, "radiograph", SIZE, operating_threshold=0.4)
+    # not the default percentiles: whoever feeds the model must have read them from the record
+    record = ModelRecord.for_training(
+        network, "radiograph", SIZE, operating_threshold=0.4, lower_percentile=1.0, upper_percentile=99.0
+    )
     record = record.with_postprocessing(PostprocessingThresholds(t_cls=0.35, top=0.6, min_area=5, bottom=0.45))
     record.write(dest / "models" / "model_record.json")
     inference = json.loads((dest / "configs" / "inference.json").read_text())
-    (dest / "configs" / "inference.json").write_text(json.dumps({**inference, "image_size": SIZE}, indent=4))
+    inference["sender_note"] = "tuned at hospital A"  # a value the installed config does not have
+    (dest / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
     (dest / "eval").mkdir()
     metrics = {"checkpoint": "/data/hospital_a/models/model.pt", "manifest": SECRET, "split": "validation",
                "val_siim_dice": 0.8125, "val_auc": 0.9375, "val_sensitivity": 0.75}  # fmt: skip

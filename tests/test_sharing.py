@@ -110,7 +110,7 @@ def test_export_model_card_has_metrics_thresholds_and_changelog(exported):
     assert "| val_siim_dice | 0.8125 |" in card and "| val_auc | 0.9375 |" in card
     assert "operating threshold (image probability; sensitivity / specificity are reported at it): 0.4" in card
     assert "post-processing (validation search): `t_cls` 0.35, `top` 0.6, `min_area` 5, `bottom` 0.45" in card
-    assert "radiograph: 64 x 64 px, intensity percentiles 0.5 / 99.5" in card
+    assert "radiograph: 64 x 64 px, intensity percentiles 1.0 / 99.0" in card
     assert meta["eval_metrics"]["val_siim_dice"] == 0.8125
 
 
@@ -140,12 +140,17 @@ def test_signed_bundle_verifies_and_names_the_signer(exported, keys, capsys):
     assert passed == {"archive", "checksums", "signature", "record", "weights", "onnx", "metadata", "text"}
     notes = {c.subject: c.detail for c in report.checks if c.status == "NOTE"}
     assert set(notes) == {n for n in members(exported[0]) if n.startswith("reference/")}
-    # the sender's inference.json differs from the installed one in the values export and training changed
-    assert "2 values differ from the installed configs/inference.json" in notes["reference/configs/inference.json"]
-    assert "image_size: 512 -> 64" in report.differences["reference/configs/inference.json"]
+    # the sender's inference.json differs from the installed one: the value it added, the path export removed
+    differences = report.differences["reference/configs/inference.json"]
+    assert 'sender_note: (absent) -> "tuned at hospital A"' in differences
+    assert any(d.startswith("input_dir: ") and d.endswith(f'-> "{REMOVED_PATH}"') for d in differences)
+    assert (
+        f"{len(differences)} values differ from the installed configs/inference.json"
+        in notes["reference/configs/inference.json"]
+    )
     assert cli_main(["bundle", "verify", str(exported[0]), "--trusted-keys", str(keys["trusted"]), "--diff"]) == 0
     out = capsys.readouterr().out
-    assert "signer: hospital_a (ed25519 sha256:" in out and "RESULT: PASS" in out and "image_size: 512 -> 64" in out
+    assert "signer: hospital_a (ed25519 sha256:" in out and "RESULT: PASS" in out and "sender_note: (absent)" in out
 
 
 def _signature_row(report) -> str:
@@ -320,6 +325,7 @@ def test_bundle_evaluate_runs_the_record(received: Path, site_manifest: Path, tm
     report = reports["state_dict"]
     n = len(json.loads(site_manifest.read_text())["test"])
     assert report["data"]["images"] == n and report["data"]["image_size"] == SIZE
+    assert report["data"]["intensity_percentiles"] == [1.0, 99.0]
     assert report["bundle"]["model"] == "model.pt" and reports["onnx"]["bundle"]["model"] == "model.onnx"
     # the record's thresholds, not defaults
     assert report["at_sender_threshold"]["threshold"] == 0.4
@@ -365,7 +371,8 @@ def test_derive_uses_installed_configs_and_the_parent_weights(received: Path, tm
     record = ModelRecord.read(received / "models" / "model_record.json")
     overlay = json.loads((derived / "configs" / "finetune.json").read_text())
     assert overlay["image_size"] == SIZE and overlay["network_def#decoder_channels"] == [16, 8, 8, 4, 4]
-    assert overlay["operating_threshold"] == 0.4 and overlay["train#preprocessing#transforms#0#lower"] == 0.5
+    assert overlay["operating_threshold"] == 0.4 and overlay["train#preprocessing#transforms#0#lower"] == 1.0
+    assert overlay["validate#preprocessing#transforms#0#upper"] == 99.0
     assert json.loads((derived / "configs" / "postprocessing.json").read_text())["t_cls"] == 0.35
     assert ModelRecord.read(derived / "models" / "parent_record.json") == record
     # metadata: new version, changelog naming the parent, MONAI's schema

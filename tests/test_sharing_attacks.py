@@ -38,6 +38,7 @@ from conftest import synthetic_siim_manifest
 from sharing_support import RECORD_BASED_INFER, TOP, members, pack, sender_bundle, tree
 
 from pneumoseg.cli import main as cli_main
+from pneumoseg.model_record import ModelRecord
 from pneumoseg.sharing.archive import ArchiveLimits
 from pneumoseg.sharing.export import export_bundle
 from pneumoseg.sharing.receive import BundleRejected, import_bundle
@@ -544,4 +545,9 @@ def _receiving_pass(world, site_manifest: Path, root: Path, monkeypatch) -> None
          "--config_file", str(configs), "--bundle_root", str(derived), "--datalist", str(site_manifest),
          *training], True, derived)  # fmt: skip
     assert (derived / "models" / "model.pt").is_file()  # the one-epoch fine-tune ran and saved its model
+    written = derived / "models" / "model_record.json"  # by the installed train.json, where it writes one
+    if written.is_file():
+        parent = ModelRecord.read(derived / "models" / "parent_record.json")
+        record = ModelRecord.read(written)
+        assert (record.network, record.preprocessing) == (parent.network, parent.preprocessing)
     assert verify_bundle(imported, trusted_keys=trusted).ok  # the imported bundle is unchanged

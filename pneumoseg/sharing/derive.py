@@ -86,16 +86,27 @@ def finetune_overlay(record: Any, kind: str, installed: dict[str, Any]) -> dict[
     values: dict[str, Any] = {"image_size": prep.image_size, "operating_threshold": record.operating_threshold}
     for key, value in record.network.kwargs.items():
         values[f"network_def#{key}"] = list(value) if isinstance(value, tuple) else value
+    if kind == CT and prep.orientation != CTPreprocessing().orientation:
+        raise ValueError(f"the installed training configs bring CT to {CTPreprocessing().orientation}; this "
+                         f"model was trained in {prep.orientation}")  # fmt: skip
     for section in ("train", "validate"):
         chain = f"{section}#preprocessing#transforms#0"
         if kind == CT:
-            if prep.orientation != CTPreprocessing().orientation:
-                raise ValueError(f"the installed training configs bring CT to {CTPreprocessing().orientation}; this "
-                                 f"model was trained in {prep.orientation}")  # fmt: skip
             values[f"{chain}#window"] = list(prep.window)
         else:
             values[f"{chain}#lower"] = prep.lower_percentile
             values[f"{chain}#upper"] = prep.upper_percentile
+    if _has_id(installed, "model_record"):
+        # the installed train.json writes the new model's record from its own values: the same values, so
+        # the record says how the fine-tuned model was fed
+        fields = (
+            {"window": list(prep.window), "orientation": prep.orientation}
+            if kind == CT
+            else {"lower_percentile": prep.lower_percentile, "upper_percentile": prep.upper_percentile}
+        )
+        values.update({f"model_record#{k}": v for k, v in fields.items()})
+    if _has_id(installed, "image_kind"):
+        values["image_kind"] = kind
     for id_ in _INSTALLED_IDS:
         if not _has_id(installed, id_):
             raise ValueError(f"the installed training configs have no {id_!r}: derive cannot pass the record to them")
