@@ -1,9 +1,11 @@
 """Site validation of a received bundle: ``pneumoseg bundle evaluate --bundle DIR --manifest M.json``.
 
-Runs the bundle's exported network (:class:`pneumoseg.sharing.model.ExportedModel`, TorchScript or ONNX; no
-training code, no config execution: only literal ``image_size`` / ``operating_threshold`` are read from
-``inference.json``) on one split of a local manifest, with the project's radiograph validation chain and the
-bundle's post-processing values, and writes to the report folder:
+Runs the received model on one split of a local manifest with what its record says (no config of the bundle
+is read): the network from ``models/model_record.json`` with the weights of ``models/model.pt`` (weights
+only; default), or ``models/model.onnx`` through ONNX Runtime (``--model onnx``, checked first), or
+TorchScript (``--model torchscript``, only with ``--trust``: it is code); the record's radiograph input size
+and intensity percentiles, through the project's own validation chain; the record's post-processing and
+operating threshold. It writes to the report folder:
 
 - ``site_validation.json``: SIIM Dice (mean per image, empty on empty = 1), Dice on positive images, image-level
   ROC-AUC, sensitivity / specificity at the sender's ``operating_threshold`` and at a locally re-tuned
@@ -108,13 +110,27 @@ def _plot_calibration(rows: list[dict[str, Any]], ece: float, title: str, path: 
     plt.close(fig)
 
 
-def _literal(config: dict, key: str, default: Any) -> Any:
-    value = config.get(key, default)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+MODELS = ("state_dict", "onnx", "torchscript")
+"""What ``--model`` can run: the weights + record (default), the ONNX model, TorchScript (``--trust`` only)."""
+
+
+def _network(root: Path, model: str, trust: bool) -> tuple[Any, str, str]:
+    """(network returning SCSEUNetOutput, the file it came from, its SHA-256)."""
+    from pneumoseg.model_record import load_trained_model
+    from pneumoseg.sharing.model import ExportedModel
+
+    if model == "state_dict":
+        trained = load_trained_model(root)
+        return trained.network, "model.pt", trained.weights_sha256
+    if model not in MODELS:
+        raise ValueError(f"--model {model}: expected one of {', '.join(MODELS)}")
+    path = root / "models" / ("model.onnx" if model == "onnx" else "model.ts")
+    network = ExportedModel.load(path, trust=trust)
+    return network, path.name, network.sha256
 
 
 def evaluate_site(
@@ -123,12 +139,14 @@ def evaluate_site(
     split: str = "test",
     data_root: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
-    model: str = "torchscript",
+    model: str = "state_dict",
     image_size: int | None = None,
     batch_size: int = 4,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Measure the bundle on ``manifest[split]``; write the JSON / Markdown report and calibration plot.
 
+    ``image_size`` may only repeat the record's radiograph input size (a model is fed as it was trained).
     Returns the report dict plus the written paths under ``json``, ``markdown``, ``calibration_plot`` and the
     Markdown text under ``markdown_text``.
     """
@@ -138,18 +156,35 @@ def evaluate_site(
 
     from pneumoseg.data.transforms import radiograph_validation_transforms
     from pneumoseg.metrics import SIIMDiceMetric
+    from pneumoseg.model_record import RADIOGRAPH, ModelRecord
     from pneumoseg.postprocessing import DualOutputPostprocess
-    from pneumoseg.sharing.model import ExportedModel
+    from pneumoseg.sharing.archive import printable
+    from pneumoseg.sharing.metadata import read_json, sender_metrics
     from pneumoseg.workflows import check_datalist
 
     root = Path(bundle)
-    model_file = root / "models" / ("model.onnx" if model == "onnx" else "model.ts")
-    network = ExportedModel.load(model_file)
-    inference = json.loads((root / "configs" / "inference.json").read_text())
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
-    size = int(image_size or _literal(inference, "image_size", 512))
-    sender_threshold = float(_literal(inference, "operating_threshold", 0.5))
-    postprocess = DualOutputPostprocess(params_file=root / "configs" / "postprocessing.json")
+    record = ModelRecord.read(root / "models" / "model_record.json")
+    prep = record.radiograph
+    if prep is None:
+        kinds = ", ".join(record.kinds)
+        raise ValueError(f"{root}: site evaluation runs radiograph models; this one was trained on {kinds}")
+    size = prep.image_size
+    if image_size is not None and int(image_size) != size:
+        raise ValueError(
+            f"--image_size {image_size}: the model was trained at {size} px ({RADIOGRAPH} preprocessing of "
+            "models/model_record.json) and is evaluated as it was trained; leave --image_size out"
+        )
+    network, model_name, model_sha = _network(root, model, trust)
+    try:
+        meta = read_json(root / "configs" / "metadata.json")
+        meta = meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        meta = {}
+    bundle_name = printable(str(meta.get("name", root.name)), 80)
+    bundle_version = printable(str(meta.get("version", "?")), 40)
+    sender_threshold = record.operating_threshold
+    pp = record.postprocessing
+    postprocess = DualOutputPostprocess(t_cls=pp.t_cls, top=pp.top, min_area=pp.min_area, bottom=pp.bottom)
 
     entries = check_datalist(manifest, split, data_root)
     volumes = [
@@ -157,7 +192,10 @@ def evaluate_site(
     ]
     if volumes:
         raise ValueError(f"{manifest}[{split}]: site evaluation handles radiographs only; CT volume {volumes[0]}")
-    transform = Compose([radiograph_validation_transforms(size), SelectItemsd(keys=["image", "label"])])
+    preprocessing = radiograph_validation_transforms(
+        spatial_size=size, lower=prep.lower_percentile, upper=prep.upper_percentile
+    )
+    transform = Compose([preprocessing, SelectItemsd(keys=["image", "label"])])
     loader = DataLoader(Dataset(entries, transform), batch_size=batch_size, shuffle=False, num_workers=0)
     dice_all, dice_pos = SIIMDiceMetric(), SIIMDiceMetric(positive_only=True)
     probs, truths = [], []
@@ -184,18 +222,14 @@ def evaluate_site(
     local = youden_threshold(prob, truth)
     rows, ece = calibration_bins(prob, truth)
     report: dict[str, Any] = {
-        "bundle": {
-            "name": meta.get("name", root.name),
-            "version": meta.get("version"),
-            "model": model_file.name,
-            "model_sha256": network.sha256,
-        },
+        "bundle": {"name": bundle_name, "version": bundle_version, "model": model_name, "model_sha256": model_sha},
         "data": {
             "manifest": Path(manifest).name,
             "split": split,
             "images": int(len(prob)),
             "positive_images": int(truth.sum()),
             "image_size": size,
+            "intensity_percentiles": [prep.lower_percentile, prep.upper_percentile],
         },
         "postprocessing": vars(postprocess.params),
         "siim_dice": number(dice_all.aggregate()),
@@ -206,7 +240,7 @@ def evaluate_site(
         if local is not None
         else None,
         "calibration": {"bins": rows, "ece": ece},
-        "sender_reported": meta.get("eval_metrics", {}),
+        "sender_reported": sender_metrics(meta),
     }
     # default next to the bundle, not inside: the received bundle stays exactly what was verified
     out = Path(out_dir) if out_dir else root.resolve().parent / f"{root.resolve().name}_site_validation"
@@ -219,7 +253,7 @@ def evaluate_site(
     md = [
         f"# Site validation: {title}",
         "",
-        f"Model `{model_file.name}` (sha256 `{network.sha256[:16]}...`), {len(prob)} images "
+        f"Model `{model_name}` (sha256 `{model_sha[:16]}...`), {len(prob)} images "
         f"({int(truth.sum())} with pneumothorax), input {size} x {size}, post-processing {vars(postprocess.params)}.",
         "",
         "| metric | this site | sender reported |",
