@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.writers import atomic_write
+from pneumoseg.infer.writers import atomic_write
 
 __all__ = [
     "REPORT_COLUMNS",
