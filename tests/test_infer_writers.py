@@ -180,7 +180,9 @@ def test_seg_of_a_header_with_invalid_values_leaves_them_out_and_never_quotes_th
     assert left_out == sorted(INVALID_VALUES)
     assert source == original
     seg = hd.seg.segread(tmp_path / "seg.dcm")
-    assert np.array_equal(seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])[0, ..., 0], mask)
+    assert np.array_equal(
+        seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])[0, ..., 0], mask
+    )
     for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):  # Type 2: present, empty
         assert seg.get(keyword) in ("", None), keyword
     assert str(seg.PatientName) == "Doe John^" and seg.PatientID == source.PatientID  # valid values copied

@@ -75,6 +75,7 @@ __all__ = [
     "augmentation_transforms",
     "radiograph_train_transforms",
     "radiograph_validation_transforms",
+    "record_validation_transforms",
     "radiograph_inference_transforms",
     "ct_train_transforms",
     "ct_validation_transforms",
@@ -454,6 +455,15 @@ def ct_inference_transforms(
             EnsureTyped(keys=IMAGE, dtype="float32"),
         ]
     )
+
+
+def record_validation_transforms(record: Any, image_kind: str) -> Compose:
+    """The validation chain of ``image_kind`` exactly as ``record`` (a trained model's
+    :class:`~pneumoseg.model_record.ModelRecord`) says the model was fed: what evaluation runs."""
+    pp = record.preprocessing[image_kind]
+    if isinstance(pp, CTPreprocessing):
+        return ct_validation_transforms(pp.image_size, pp.window, pp.orientation)
+    return radiograph_validation_transforms(pp.image_size, pp.lower_percentile, pp.upper_percentile)
 
 
 def invert_prediction_transforms(

@@ -72,6 +72,9 @@ class BatchInferenceRunner:
         models: already loaded models (``{kind: TrainedModel}`` or a list), instead of ``bundles``.
     """
 
+    outputs_class: type[ScanOutputs] = ScanOutputs
+    """What writes each scan (subclass it to add to the writer thread's work, e.g. timing)."""
+
     def __init__(
         self,
         bundles: str | Sequence[str] = (),
@@ -183,7 +186,7 @@ class BatchInferenceRunner:
         pipeline = InferencePipeline(
             dataset,
             {kind: wrapped[id(m)] for kind, m in models.items()},
-            ScanOutputs(records, self.formats, dataset, models),
+            self.outputs_class(records, self.formats, dataset, models),
             self.device,
             self.batch_size,
             self.workers,

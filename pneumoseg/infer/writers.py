@@ -155,22 +155,21 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:
 
 
 def write_mask_nifti(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> Path:
-    """``mask`` ``[I, J, K]`` -> uint8 NIfTI with ``affine`` (RAS, 4x4) as qform and sform (MONAI's writer)."""
-    from monai.data import NibabelWriter
+    """``mask`` ``[I, J, K]`` -> uint8 NIfTI with ``affine`` (RAS, 4x4) as qform and sform (scanner space).
+
+    nibabel directly, not MONAI's ``NibabelWriter``: that one routes the affine through its resampler even
+    with ``resample=False``, which fails on a permuted or single-slice affine; the mask is already on the
+    source grid, the affine is only recorded."""
+    import nibabel as nib
 
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"{path}: NIfTI mask must be [I, J, K], got shape {mask.shape}")
     affine = np.asarray(affine, dtype=np.float64)
-
-    def write(tmp: Path) -> None:
-        writer = NibabelWriter(output_dtype=np.uint8)
-        writer.set_data_array((mask > 0).astype(np.uint8), channel_dim=None)
-        # resample=False: the mask is already on the source grid; the affine is only recorded
-        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-        writer.write(os.fspath(tmp))
-
-    return atomic_write(path, write)
+    image = nib.Nifti1Image((mask > 0).astype(np.uint8), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return atomic_write(path, lambda tmp: nib.save(image, os.fspath(tmp)))
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
