@@ -323,7 +323,7 @@ def test_masks_in_source_geometry(reference, mixed):
     # DICOM CT series: the mask NIfTI has the reader's geometry (= the NIfTI export's convention)
     from pneumoseg.data.series import LoadDicomSeries
 
-    sid = next(s for s in rows if s.startswith("ct/"))
+    sid = next(s for s, r in rows.items() if r["kind"] == "series")
     volume = LoadDicomSeries()(str(inputs / "ct" / "case0"))
     mask = nib.load(str(out / rows[sid]["mask"]))
     assert mask.shape == tuple(volume.shape[1:])

@@ -120,7 +120,7 @@ class BatchInferenceRunner:
         records = ScanRecords(self.output_dir, self.input_dir)
         with OutputFolder(self.output_dir, self.num_shards, self.shard_id) as folder:
             folder.claim_for(models, records, self.overwrite)
-            scans = shard_scans(discover_scans(self.input_dir, self.chest_only), self.num_shards, self.shard_id)
+            scans = self._discover()
             rows, todo, reused = self._plan(scans, models, records)
             decided = len(rows)
             try:
@@ -137,6 +137,13 @@ class BatchInferenceRunner:
         if self.output_dir.resolve().is_relative_to(self.input_dir.resolve()):
             # the outputs would be found as inputs by the next run
             raise ValueError(f"OUTPUT_DIR {self.output_dir} must not be inside INPUT_DIR {self.input_dir}")
+
+    def _discover(self) -> list[Scan]:
+        """This shard's scans of INPUT_DIR."""
+        found = discover_scans(self.input_dir, self.chest_only)
+        if not found:
+            print(f"pneumoseg infer: no files found in {self.input_dir}", file=sys.stderr)
+        return shard_scans(found, self.num_shards, self.shard_id)
 
     def _plan(
         self, scans: list[Scan], models: Mapping[str, TrainedModel], records: ScanRecords
