@@ -108,3 +108,11 @@ def test_a_bundle_is_read_as_data_never_run(inputs, tmp_path):
             "--workers", "0", "--formats", "png"]  # fmt: skip
     assert main(argv) == 0
     assert not marker.exists() and os.getcwd() == cwd and sys.path == path
+
+
+def test_routing_accepts_its_own_output(tmp_path):
+    from pneumoseg.infer.models import route_models
+
+    models = load_models([tiny_bundle(tmp_path / "both", kinds=("radiograph", "ct"))])
+    assert route_models(models) == models and models["radiograph"] is models["ct"]
+    assert route_models(list({id(m): m for m in models.values()}.values())) == models

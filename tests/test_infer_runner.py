@@ -641,3 +641,31 @@ def test_negative_scans_get_empty_outputs_in_source_geometry(bundle, tmp_path):
     seg = hd.seg.segread(out / rows["radiograph"]["seg"])
     pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])
     assert pixels.shape[1:3] == (source.Rows, source.Columns) and not pixels.any()
+
+
+def test_a_seg_that_cannot_be_built_costs_that_file_alone(bundle, tmp_path):
+    """A CT series without FrameOfReferenceUID (highdicom refuses to build its SEG): the row stays ok with a
+    warning naming the output, the NIfTI mask and the overlay are written, the record lists what is there."""
+    case = phantoms.plan_ct(1, seed=9)[0]
+    hu, _, spacing = phantoms.draw_ct_case(case, 9, SIZE, 4)
+    for path in phantoms.write_ct_dicom_series(tmp_path / "in" / "ct", hu, spacing, case, seed=9):
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    out = tmp_path / "out"
+    assert _runner(bundle, tmp_path / "in", out).run() == 0
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["seg"] == ""
+    assert "seg.dcm not written (ValueError while building the DICOM SEG)" in row["warnings"]
+    folder = out / row["mask"].rsplit("/", 1)[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["mask.nii.gz", "overlay.png", "record.json"]
+    assert sorted(json.loads((folder / "record.json").read_text())["outputs"]) == ["mask.nii.gz", "overlay.png"]
+    assert _runner(bundle, tmp_path / "in", out).run() == 0  # not retried: the same failure, the same row
+    assert json.loads((out / "report.json").read_text())["summary"]["reused"] == 1
+
+
+def test_reasons_are_stable_across_runs():
+    from pneumoseg.infer.dataset import stable_reason
+
+    message = "TypeError: <object object at 0x7f3a2c1d9e40> in /data/in/cr/a.dcm\nsecond line"
+    assert stable_reason(message, "/data/in/") == "TypeError: <object object> in cr/a.dcm second line"

@@ -93,6 +93,8 @@ def route_models(models: Mapping[str, TrainedModel] | Sequence[TrainedModel]) ->
     owner: dict[str, str] = {}
     for name, model in named.items():
         for kind in model.record.kinds:
+            if routed.get(kind) is model:  # already routed (a {kind: model} mapping names a model per kind)
+                continue
             if kind in routed:
                 raise ModelSetError(
                     f"two models trained on {kind}: {owner[kind]} and {name}; give one --bundle per image kind"
