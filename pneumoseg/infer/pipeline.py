@@ -184,6 +184,8 @@ class InferencePipeline:
         """One loader over ``indices``; raises RunStopped to stop, RuntimeError if a worker died."""
         scans = self.dataset.scans
         batch: list[dict[str, Any]] = []
+        for slot in range(len(self.dataset.in_flight)):  # nothing of an earlier loader's workers is in flight
+            self.dataset.in_flight[slot] = -1
         iterator = iter(self._loader(indices))
         try:
             for item in iterator:
