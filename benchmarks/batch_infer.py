@@ -1,4 +1,4 @@
-"""End-to-end speed and memory of ``pneumoseg infer`` (pneumoseg.inference.BatchInferenceRunner).
+"""End-to-end speed and memory of ``pneumoseg infer`` (pneumoseg.infer.BatchInferenceRunner).
 
 In one run, on synthetic phantoms (``pneumoseg.data.phantoms``; nothing downloaded):
 
@@ -14,10 +14,12 @@ In one run, on synthetic phantoms (``pneumoseg.data.phantoms``; nothing download
   small model input (``--rss-image-size``, default 128 px) to save time: the decoding of the 1024-px
   files, the SEG and overlay writing and the bookkeeping, which are what could grow, are unchanged.
 
-The network is the bundle's ``network_def`` at the bundle's ``image_size`` with random weights: the
-model's timing does not depend on them, the writers' a little (a few ms per scan): random weights call
-every scan positive with a mask over most of the image, a worst case the table reports
-(``positive_fraction``, ``mean_mask_fraction_of_image``). Run::
+The network is the default SCSEUNet, described by a model record for radiographs and CT at
+``--image-size`` (default 512, the record's default), with random weights: the model's timing does not
+depend on them, the writers' a little (a few ms per scan): random weights call every scan positive with a
+mask over most of the image, a worst case the table reports (``positive_fraction``,
+``mean_mask_fraction_of_image``). ``--baseline FILE`` (the ``--json`` of an earlier run, e.g. before a
+change, on the same machine) adds the ratio of this run's end-to-end speeds to it. Run::
 
     .venv/bin/python benchmarks/batch_infer.py                 # ~10-20 min on 2 CPU cores
     .venv/bin/python benchmarks/batch_infer.py --quick         # smoke run (small images, few scans)
@@ -44,24 +46,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def make_bundle(root: Path, image_size: int | None) -> Path:
-    """The real bundle's configs + random weights for its ``network_def``."""
-    import torch
-    from monai.bundle import ConfigParser
+    """A bundle as inference reads it: a model record (the default SCSEUNet, radiographs and CT at
+    ``image_size``) + random weights, and the real bundle's metadata."""
+    import dataclasses
 
-    real = REPO / "bundles" / "pneumothorax_scse_unet" / "configs"
+    import torch
+
+    from pneumoseg.model_record import CT, RADIOGRAPH, CTPreprocessing, ModelRecord, RadiographPreprocessing
+    from pneumoseg.networks import SCSEUNet
+
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
-    for name in ("inference.json", "metadata.json", "postprocessing.json"):
-        if (real / name).is_file():
-            shutil.copy(real / name, root / "configs" / name)
-    if image_size:
-        config = json.loads((root / "configs" / "inference.json").read_text())
-        config["image_size"] = image_size
-        (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
+    shutil.copy(REPO / "bundles" / "pneumothorax_scse_unet" / "configs" / "metadata.json", root / "configs")
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    network = SCSEUNet(spatial_dims=2, in_channels=1, out_channels=1)
+    size = image_size or RadiographPreprocessing().image_size
+    record = ModelRecord.for_training(network, RADIOGRAPH, size)
+    preprocessing = {RADIOGRAPH: RadiographPreprocessing(image_size=size), CT: CTPreprocessing(image_size=size)}
+    dataclasses.replace(record, preprocessing=preprocessing).write(root / "models" / "model_record.json")
+    torch.save(network.state_dict(), root / "models" / "model.pt")
     return root
 
 
@@ -84,14 +87,14 @@ def model_only(bundle: Path, batch_size: int, fp32: bool, repeats: int) -> tuple
     on random input. The CPU time is the process's: below threads x wall time where the threads wait."""
     import torch
 
-    from pneumoseg.inference import _precision, _PrecisionWrapper, load_bundle_model, select_device
+    from pneumoseg.infer.models import PrecisionWrapper, select_device
+    from pneumoseg.model_record import load_trained_model
 
     device = select_device("auto")
-    model = load_bundle_model(bundle, device)
-    dtype, channels_last = _precision(device, fp32)
-    network = model.network.to(memory_format=torch.channels_last) if channels_last else model.network
-    wrapped = _PrecisionWrapper(network, device, dtype, channels_last)
-    x = torch.rand(batch_size, 1, model.image_size, model.image_size, device=device)
+    model = load_trained_model(bundle, device)
+    wrapped = PrecisionWrapper(model.network, device, fp32)
+    size = model.record.radiograph.image_size
+    x = torch.rand(batch_size, 1, size, size, device=device)
     with torch.inference_mode():
         wrapped(x)  # warm-up
         cpu_start = _cpu_seconds(resource.RUSAGE_SELF)
@@ -119,23 +122,33 @@ def end_to_end(
 ) -> tuple[float, int, dict]:
     """(seconds of ``run()`` with the model preloaded, processed scans, summary + CPU seconds per scan of
     the main process, of its writer thread (post-processing + writing) and of the DataLoader workers)."""
-    from pneumoseg.inference import BatchInferenceRunner, load_bundle_model
+    from pneumoseg.infer import BatchInferenceRunner
+    from pneumoseg.infer.models import load_models, select_device
+    from pneumoseg.infer.outputs import ScanOutputs
 
-    class TimedRunner(BatchInferenceRunner):
+    class TimedOutputs(ScanOutputs):
         writer_cpu = 0.0
 
-        def _finish(self, *a, **k):  # runs in the writer thread: its own CPU time
+        def finish(self, *a, **k):  # runs in the writer thread: its own CPU time
             start = time.thread_time()
             try:
-                return super()._finish(*a, **k)
+                return super().finish(*a, **k)
             finally:
-                TimedRunner.writer_cpu += time.thread_time() - start
+                TimedOutputs.writer_cpu += time.thread_time() - start
+
+    class TimedRunner(BatchInferenceRunner):
+        outputs_class = TimedOutputs
 
     runner = TimedRunner(
-        str(bundle), str(inputs), str(out), batch_size=args.batch_size, workers=args.workers, fp32=args.fp32,
-        progress=False, formats=formats,
+        input_dir=str(inputs),
+        output_dir=str(out),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        fp32=args.fp32,
+        progress=False,
+        formats=formats,
+        models=load_models([bundle], select_device("auto")),
     )
-    runner.model = load_bundle_model(bundle, runner.device)
     main_before = _cpu_seconds(resource.RUSAGE_SELF)
     workers_before = _cpu_seconds(resource.RUSAGE_CHILDREN)  # the workers have exited when run() returns
     start = time.perf_counter()
@@ -150,7 +163,7 @@ def end_to_end(
     summary["mean_mask_pixels"] = sum(int(r["mask_pixels"]) for r in ok) / max(1, len(ok))
     summary["cpu_ms_per_scan"] = {
         "main": 1000 * (_cpu_seconds(resource.RUSAGE_SELF) - main_before) / n,
-        "writer_thread": 1000 * TimedRunner.writer_cpu / n,
+        "writer_thread": 1000 * TimedOutputs.writer_cpu / n,
         "workers": 1000 * (_cpu_seconds(resource.RUSAGE_CHILDREN) - workers_before) / n,
         "available": 1000 * seconds * _cores() / n,
     }
@@ -172,8 +185,21 @@ def peak_rss(bundle: Path, inputs: Path, out: Path, args: argparse.Namespace) ->
         " 'children': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
         " 'end': int(status['VmRSS'].split()[0])}))\n"
     )
-    command = [sys.executable, "-c", code, "infer", str(inputs), str(out), "--bundle", str(bundle),
-               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--no-progress"]
+    command = [
+        sys.executable,
+        "-c",
+        code,
+        "infer",
+        str(inputs),
+        str(out),
+        "--bundle",
+        str(bundle),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--no-progress",
+    ]
     if args.fp32:
         command.append("--fp32")
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -196,20 +222,29 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: the bundle's)")
     p.add_argument("--fp32", action="store_true", help="full precision (default: the runner's default)")
     p.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch intra-op threads of the model, in the model-only and end-to-end runs alike (default: torch's, "
         "one per core). Fewer threads than cores leave the rest to decoding and writing: shows whether the "
         "pipeline hides them when it has CPU of its own",
     )
     p.add_argument("--rss", type=int, nargs=2, default=(100, 400), help="scan counts of the RSS runs")
     p.add_argument(
-        "--rss-image-size", type=int, default=128,
+        "--rss-image-size",
+        type=int,
+        default=128,
         help="model input size of the RSS runs (default 128: memory growth with the scan count does not depend "
         "on the model's cost, and the 1024-px decoding, SEG and overlays are unchanged)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 24 radiographs of 256 px, 2 small CTs")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="the --json of an earlier run on the same machine: print this run's end-to-end speeds relative to it",
+    )
     args = p.parse_args()
     if args.quick:
         args.radiographs, args.size, args.ct, args.ct_size, args.ct_slices = 24, 256, 2, 64, 8
@@ -234,8 +269,15 @@ def main() -> int:
         t0 = time.perf_counter()
         data = work / "data"
         if not (data / "dicom-images-train").is_dir():
-            synthesize(data, radiographs=args.radiographs, size=args.size, ct=args.ct, ct_size=args.ct_size,
-                       ct_slices=args.ct_slices, overwrite=True)
+            synthesize(
+                data,
+                radiographs=args.radiographs,
+                size=args.size,
+                ct=args.ct,
+                ct_size=args.ct_size,
+                ct_slices=args.ct_slices,
+                overwrite=True,
+            )
         print(f"synthetic data in {time.perf_counter() - t0:.0f} s: {data}", flush=True)
         bundle = make_bundle(work / "bundle", args.image_size)
         rss_bundle = make_bundle(work / "bundle_rss", args.rss_image_size)
@@ -271,9 +313,9 @@ def main() -> int:
                 f"at the end {rss[n][2]:.0f} MiB",
                 flush=True,
             )
-        from pneumoseg.inference import _precision, select_device
+        from pneumoseg.infer.models import precision, select_device
 
-        dtype, channels_last = _precision(select_device("auto"), args.fp32)
+        dtype, channels_last = precision(select_device("auto"), args.fp32)
         a, b = args.rss
         cores = _cores()
         model_cpu = (model_cpu_before + model_cpu_after) / 2
@@ -285,7 +327,9 @@ def main() -> int:
             "threads": torch.get_num_threads(),
             "retain_freed_memory": retained,
             "radiograph_size": args.size,
-            "model_input": json.loads((bundle / "configs" / "inference.json").read_text()).get("image_size"),
+            "model_input": json.loads((bundle / "models" / "model_record.json").read_text())["preprocessing"][
+                "radiograph"
+            ]["image_size"],
             "batch_size": args.batch_size,
             "workers": args.workers,
             "radiographs": processed,
@@ -321,6 +365,10 @@ def main() -> int:
             "rss_growth": round(growth, 4),
             "end_rss_growth": round(end_growth, 4),
         }
+        if args.baseline:
+            baseline = json.loads(Path(args.baseline).read_text())
+            for key in ("e2e_scans_per_s", "e2e_mask_png_only_scans_per_s", "ct_volumes_per_s"):
+                results[f"{key}_vs_baseline"] = round(results[key] / baseline[key], 3)
         print()
         print("| quantity | value | target |")
         print("|---|---|---|")
@@ -328,6 +376,8 @@ def main() -> int:
             "ratio": ">= 0.8 " + ("PASS" if results["ratio"] >= 0.8 else "MISS"),
             "rss_growth": "<= 10% " + ("PASS" if abs(growth) <= 0.10 else "MISS"),
             "end_rss_growth": "<= 10% " + ("PASS" if abs(end_growth) <= 0.10 else "MISS"),
+            "e2e_scans_per_s_vs_baseline": ">= 1 (no slower than the baseline) "
+            + ("PASS" if results.get("e2e_scans_per_s_vs_baseline", 1) >= 1 else "MISS"),
         }
         for key, value in results.items():
             print(f"| {key} | {value} | {targets.get(key, '')} |")

@@ -8,7 +8,7 @@ Steps (all through the bundle's own commands, as a user would run them):
 3. ``python -m monai.bundle run training`` (``train.json``) for ``--epochs`` epochs at ``--image-size``,
    validating every epoch (StatsHandler + metrics history; the best epoch is kept);
 4. ``train.json + evaluate.json`` on the validation split: searches the post-processing (image gate + SIIM
-   triplet) and writes it to the bundle's ``configs/postprocessing.json``;
+   triplet) and writes it to the bundle's ``models/model_record.json``;
 5. ``train.json + evaluate.json`` on the held-out test split with that post-processing
    (``--eval_split test --search_postprocessing false``): SIIM Dice (mean per image, empty-on-empty = 1),
    Dice on positive images, image-level AUC, sensitivity/specificity: the reported numbers;
@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _bundle_command(args: argparse.Namespace, bundle: Path, extra: list[str]) -> list[str]:
+    # evaluation reads the image size and network from the model record training wrote
     return [sys.executable, "-m", "monai.bundle", "run", *extra,
             "--datalist", str(args.out / "data" / "manifest.json"), "--bundle_root", str(bundle),
-            "--image_size", str(args.image_size), "--network_def#decoder_channels", args.decoder_channels,
             "--num_workers", str(args.workers), "--seed", str(args.seed),
             "--cpu_bf16", str(bool(args.cpu_bf16))]  # fmt: skip  (a Python literal: fire reads "false" as a string)
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             args, bundle,
             ["training", "--meta_file", str(bundle / "configs/metadata.json"),
              "--config_file", str(bundle / "configs/train.json"), "--num_epochs", str(args.epochs),
+             "--image_size", str(args.image_size), "--network_def#decoder_channels", args.decoder_channels,
              "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
              "--cache_rate", "1.0", "--early_stop_patience", str(args.epochs)],
         ),
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     train_seconds = time.perf_counter() - start - data_seconds
     evaluate = ["--config_file", str([str(bundle / "configs/train.json"), str(bundle / "configs/evaluate.json")])]
-    _stream(_bundle_command(args, bundle, evaluate), args.out / "search.log")  # writes configs/postprocessing.json
+    _stream(_bundle_command(args, bundle, evaluate), args.out / "search.log")  # into models/model_record.json
     search = json.loads((bundle / "eval" / "metrics.json").read_text())
     _stream(
         _bundle_command(args, bundle, [*evaluate, "--eval_split", "test", "--search_postprocessing", "false"]),

@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "pneumoseg.demo",
     "synth": "pneumoseg.data.phantoms",
     "manifest": "pneumoseg.data.manifest",
-    "infer": "pneumoseg.inference",
+    "infer": "pneumoseg.infer.cli",
     "bundle": "pneumoseg.sharing",
 }
 

@@ -49,6 +49,7 @@ __all__ = [
     "PostprocessingThresholds",
     "RadiographPreprocessing",
     "TrainedModel",
+    "bundle_identity",
     "build_network",
     "describe_network",
     "load_state_dict",
@@ -551,6 +552,12 @@ def _name_and_version(bundle: Path) -> tuple[str, str]:
     except (OSError, ValueError, AttributeError, RecursionError):
         pass
     return bundle.resolve().name, "0"
+
+
+def bundle_identity(bundle: str | os.PathLike) -> tuple[str, str]:
+    """(name, version) of a bundle from ``configs/metadata.json``, read as data (bounded, strings only);
+    the folder's name and ``"0"`` when it has none."""
+    return _name_and_version(Path(bundle))
 
 
 def load_trained_model(

@@ -17,8 +17,9 @@ so every MONAI metric/handler downstream sees ordinary tensors under ordinary ke
 then decollates them into per-image dicts, MONAI's usual trainer output; evaluators keep them batched).
 The rest: inferers (CPU bf16 autocast; slice-by-slice CT with the classification head), handlers
 (gradient clipping, per-epoch re-seeding for exact resume, the last checkpoint, metric logs, the
-post-processing search) and the pre-flight check of a manifest. Inference on folders (``configs/inference.json``
-and ``pneumoseg infer``) is :class:`pneumoseg.inference.BatchInferenceRunner`.
+post-processing search) and the pre-flight check of a manifest. Training writes the model record
+(:class:`ModelRecordWriter`), evaluation's search updates its post-processing. Inference on folders
+(``configs/inference.json`` and ``pneumoseg infer``) is :class:`pneumoseg.infer.BatchInferenceRunner`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from monai.inferers import Inferer, SimpleInferer, SliceInferer
 from torch import nn
 
 from pneumoseg.losses import FusedMultiTaskLoss, LossTerms, image_label_from_mask
+from pneumoseg.model_record import ModelRecord
 from pneumoseg.networks import SCSEUNetOutput
-from pneumoseg.postprocessing import DualOutputPostprocess, PostprocessingSearch, save_postprocessing_params
+from pneumoseg.postprocessing import DualOutputPostprocess, PostprocessingSearch
 
 __all__ = [
     "MultiTaskTarget",
@@ -59,7 +61,9 @@ __all__ = [
     "StopAtEpoch",
     "default_bundle_root",
     "MetricsLogger",
+    "ModelRecordWriter",
     "PostprocessingSearchHandler",
+    "check_record",
     "DatalistError",
     "check_datalist",
     "is_main_process",
@@ -449,13 +453,49 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+class ModelRecordWriter:
+    """Write the model record (``models/model_record.json``) when the engine starts (rank 0): the weights
+    the run will save are then never without the record of how they must be fed.
+
+    Args:
+        record: the record (``ModelRecord.for_training(@network_def, @image_kind, @image_size, ...)``).
+        path: where to write it (beside the weights).
+    """
+
+    def __init__(self, record: ModelRecord, path: str) -> None:
+        self.record = record
+        self.path = path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_main_process():
+            self.record.write(self.path)
+            logger.info("model record written: %s", self.path)
+
+
+def check_record(record: ModelRecord, image_kind: str, image_size: int) -> None:
+    """For ``evaluate.json``: the image kind and input size it was given must be the record's (they are read
+    from it; an explicit ``--image_size`` that disagrees is refused, never silently used)."""
+    preprocessing = record.preprocessing.get(image_kind)
+    if preprocessing is None:
+        raise ValueError(f"the model record has no {image_kind} preprocessing: the model was trained on {record.kinds}")
+    if int(image_size) != preprocessing.image_size:
+        raise ValueError(
+            f"image_size {image_size} conflicts with the model record ({image_kind} trained at "
+            f"{preprocessing.image_size}); leave --image_size out: evaluation reads it from the record"
+        )
+
+
 class PostprocessingSearchHandler:
     """Collect post-processing statistics during evaluation; at completion search the parameters, record
     ``siim_dice_before`` / ``siim_dice_after`` (and the values) in ``engine.state.metrics`` and write them
-    to ``params_file`` (the JSON that ``inference.json`` reads).
+    into the model record's ``postprocessing`` (``record_file``: the one home of the thresholds inference
+    uses).
 
     Args:
-        params_file: where to write the chosen ``{"t_cls", "top", "min_area", "bottom"}``.
+        record_file: the model record to update (``models/model_record.json``); ``None``: metrics only.
         grid: optional grid override per parameter (see :data:`pneumoseg.postprocessing.DEFAULT_GRID`).
         baseline: parameters the "before" Dice is computed with (default plain 0.5 thresholding); its
             ``top``/``bottom`` are added to the grid if missing.
@@ -465,7 +505,7 @@ class PostprocessingSearchHandler:
 
     def __init__(
         self,
-        params_file: str | None = None,
+        record_file: str | None = None,
         grid: Mapping[str, Sequence[float]] | None = None,
         baseline: Mapping[str, float] | None = None,
         enabled: bool = True,
@@ -473,7 +513,7 @@ class PostprocessingSearchHandler:
         from pneumoseg.postprocessing import DEFAULT_GRID, PostprocessingParams
 
         self.enabled = enabled
-        self.params_file = params_file
+        self.record_file = record_file
         self.baseline = PostprocessingParams(**(baseline or {}))
         merged = {k: list((grid or {}).get(k, DEFAULT_GRID[k])) for k in DEFAULT_GRID}
         for name in ("t_cls", "top", "min_area", "bottom"):
@@ -504,19 +544,11 @@ class PostprocessingSearchHandler:
             pp_top=params.top,
             pp_min_area=params.min_area,
             pp_bottom=params.bottom,
+            pp_images=summary["images"],
         )
         logger.info("post-processing search: %s, SIIM Dice %.4f -> %.4f", params, before, best)
-        if self.params_file and is_main_process():
-            save_postprocessing_params(
-                self.params_file,
-                params,
-                search={
-                    "siim_dice_before": before,
-                    "siim_dice_after": best,
-                    "baseline": vars(self.baseline),
-                    **summary,
-                },
-            )
+        if self.record_file and is_main_process():
+            ModelRecord.read(self.record_file).with_postprocessing(params, "validation search").write(self.record_file)
 
 
 # ------------------------------------------------------------------------------------- pre-flight checks

@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "pneumothorax_scse_unet"
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# trained at 64 px (not the default 512): evaluation and inference must read it from the model record
 SMALL = ["--image_size", "64", "--num_workers", "0", "--network_def#decoder_channels", "[16,8,8,8,8]"]
 TRAIN = [*SMALL, "--batch_size", "4", "--val_batch_size", "4", "--cache_rate", "1.0"]
+EVALUATE = ["--num_workers", "0"]  # image size and network come from models/model_record.json
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +84,14 @@ def test_train_two_epochs_writes_model_checkpoint_and_metrics(trained):
     n_train, n_val = len(manifest["training"]), len(manifest["validation"])
     assert f"training images: {n_train} | validation images: {n_val}" in result.output
     assert "val_siim_dice" in result.output  # StatsHandler logged the validation metrics
+    # the record of how the model must be fed, written when training started
+    from pneumoseg.model_record import ModelRecord, load_trained_model
+
+    record = ModelRecord.read(bundle / "models/model_record.json")
+    assert record.kinds == ("radiograph",) and record.radiograph.image_size == 64
+    assert record.network.kwargs["decoder_channels"] == (16, 8, 8, 8, 8)
+    assert record.postprocessing.t_cls == record.operating_threshold == 0.5  # safe before evaluate has run
+    assert tuple(load_trained_model(bundle).network.init_kwargs["decoder_channels"]) == (16, 8, 8, 8, 8)
     # best-metric model: a plain state dict, readable with weights_only=True and by CheckpointLoader
     state = torch.load(bundle / "models/model.pt", weights_only=True)
     network = SCSEUNet(decoder_channels=(16, 8, 8, 8, 8))
@@ -145,13 +155,20 @@ def test_resume_matches_straight_run(tmp_path: Path, data: Path):
 
 def test_evaluate_prints_and_saves_metrics_and_postprocessing(trained, data: Path):
     bundle, _ = trained
-    result = _ok(
-        _run(
-            [PYTHON, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
-             "--dataset_dir", str(data.parent), *SMALL],  # dataset_dir/manifest.json
-            cwd=bundle,
-        )
-    )  # fmt: skip
+    evaluate = [
+        PYTHON,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json']",
+        "--dataset_dir",
+        str(data.parent),
+        *EVALUATE,
+    ]  # fmt: skip  (dataset_dir/manifest.json)
+    refused = _run([*evaluate, "--image_size", "128"], cwd=bundle)  # conflicts with the record: never silent
+    assert refused.returncode != 0 and "image_size 128 conflicts with the model record" in refused.output
+    result = _ok(_run(evaluate, cwd=bundle))
     report = json.loads((bundle / "eval/metrics.json").read_text())
     assert '"siim_dice_after"' in result.output  # printed
     assert report["split"] == "validation" and report["checkpoint"].endswith("model.pt")
@@ -160,12 +177,16 @@ def test_evaluate_prints_and_saves_metrics_and_postprocessing(trained, data: Pat
     # "before" is the plain 0.5 threshold = the evaluator's own SIIM Dice; the search can only improve on it
     assert report["siim_dice_before"] == pytest.approx(report["val_siim_dice"], abs=1e-6)
     assert report["siim_dice_after"] >= report["siim_dice_before"] - 1e-9
-    chosen = json.loads((bundle / "configs/postprocessing.json").read_text())
-    assert {k: chosen[k] for k in ("t_cls", "top", "min_area", "bottom")} == {
-        "t_cls": report["pp_t_cls"], "top": report["pp_top"], "min_area": report["pp_min_area"],
-        "bottom": report["pp_bottom"],
-    }  # fmt: skip
-    assert chosen["search"]["images"] == len(json.loads(data.read_text())["validation"])
+    # the thresholds' one home is the model record, which inference reads
+    from pneumoseg.model_record import ModelRecord
+
+    record = ModelRecord.read(bundle / "models/model_record.json")
+    assert (record.postprocessing.t_cls, record.postprocessing.top, record.postprocessing.min_area,
+            record.postprocessing.bottom) == (report["pp_t_cls"], report["pp_top"], report["pp_min_area"],
+                                               report["pp_bottom"])  # fmt: skip
+    assert record.training["postprocessing_source"] == "validation search"
+    assert report["pp_images"] == len(json.loads(data.read_text())["validation"])
+    assert not (bundle / "configs/postprocessing.json").exists()
 
 
 def test_inference_writes_masks_for_a_folder(trained, tmp_path: Path):
@@ -183,11 +204,11 @@ def test_inference_writes_masks_for_a_folder(trained, tmp_path: Path):
     _ok(
         _run(
             [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-             "--input_dir", str(inputs), "--output_dir", str(out), *SMALL],
+             "--input_dir", str(inputs), "--output_dir", str(out), "--num_workers", "0"],
             cwd=bundle,
         )
     )  # fmt: skip
-    # one implementation behind both: configs/inference.json runs pneumoseg.inference.BatchInferenceRunner
+    # one implementation behind both: configs/inference.json runs pneumoseg.infer.BatchInferenceRunner
     masks = sorted(out.glob("scans/*/mask.png"))
     assert len(masks) == 3
     assert all(Image.open(m).size == (96, 96) for m in masks)  # back at the source size, not the 64 px model input
@@ -196,6 +217,46 @@ def test_inference_writes_masks_for_a_folder(trained, tmp_path: Path):
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
     assert all((out / r["seg"]).is_file() and (out / r["overlay"]).is_file() for r in rows)
+
+
+def test_evaluate_and_infer_give_the_same_probabilities_and_masks(trained, data: Path, tmp_path: Path):
+    """Trained at 64 px (not the default 512): evaluation (evaluate.json's evaluator) and `pneumoseg infer
+    --bundle` read one model record, so the same images give the same probabilities and masks (fp32)."""
+    import numpy as np
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from pneumoseg.cli import main
+
+    bundle, _ = trained
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs/train.json"), str(bundle / "configs/evaluate.json")])
+    parser.update({"bundle_root": str(bundle), "dataset_dir": str(data.parent), "num_workers": 0,
+                   "search_postprocessing": False, "val_batch_size": 4, "cache_rate": 0.0})  # fmt: skip
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluated: dict[str, tuple[float, np.ndarray]] = {}
+
+    def collect(engine) -> None:
+        names = engine.state.batch["image"].meta["filename_or_obj"]
+        for name, p, mask in zip(names, engine.state.output["pred_cls"], engine.state.output["pred"]):
+            evaluated[Path(name).name] = (float(p), mask[0].numpy() > 0.5)
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, collect)
+    evaluator.run()
+    images = tmp_path / "validation"
+    images.mkdir()
+    for entry in json.loads(data.read_text())["validation"]:
+        shutil.copy(data.parent / entry["image"], images / Path(entry["image"]).name)
+    out = tmp_path / "inferred"
+    argv = ["infer", str(images), str(out), "--bundle", str(bundle), "--fp32", "--workers", "0", "--formats", "png",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = {r["scan_id"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert sorted(rows) == sorted(evaluated) and len(rows) >= 2
+    for name, (probability, mask) in evaluated.items():
+        assert abs(float(rows[name]["probability"]) - probability) <= 1e-5, name
+        assert np.array_equal(np.asarray(Image.open(out / rows[name]["mask"])) > 0, mask), name
 
 
 def _free_port() -> int:
@@ -238,7 +299,7 @@ def test_verify_metadata_offline_and_verify_net_in_out(tmp_path: Path):
     result = _ok(
         _run(
             [PYTHON, "-m", "monai.bundle", "verify_net_in_out", "network_seg", "--meta_file", "configs/metadata.json",
-             "--config_file", "configs/inference.json", *SMALL[:2]],
+             "--config_file", "configs/train.json", *SMALL[:2]],
             cwd=bundle,
         )
     )  # fmt: skip
@@ -285,11 +346,15 @@ def test_ct_trains_on_axial_slices_and_infers_a_3d_mask(tmp_path: Path):
         )
     )  # fmt: skip
     assert (bundle / "models/model.pt").is_file()
+    from pneumoseg.model_record import ModelRecord
+
+    record = ModelRecord.read(bundle / "models/model_record.json")
+    assert record.kinds == ("ct",) and record.ct.image_size == 64 and record.ct.orientation == "RAS"
     out = tmp_path / "ct_masks"
     _ok(
         _run(
             [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-             "--input_dir", str(images), "--output_dir", str(out), *SMALL],
+             "--input_dir", str(images), "--output_dir", str(out), "--num_workers", "0"],
             cwd=bundle,
         )
     )  # fmt: skip

@@ -410,12 +410,13 @@ def test_nifti_voxel_order_and_affine(tmp_path):
     assert out.meta["filename_or_obj"] == str(tmp_path / "vol.nii.gz")
 
 
-def test_nifti_with_nan_raises_naming_file(tmp_path):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nifti_with_nan_or_inf_raises_naming_file(tmp_path, bad):
     data = np.zeros((3, 3, 3), dtype=np.float32)
-    data[1, 1, 1] = np.nan
-    path = tmp_path / "nan.nii"
+    data[1, 1, 1] = bad
+    path = tmp_path / "bad.nii"
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
-    with pytest.raises(ImageReadError, match="NaN") as info:
+    with pytest.raises(ImageReadError, match="NaN or infinite") as info:
         LoadNifti()(path)
     assert str(path) in str(info.value)
 

@@ -1,4 +1,4 @@
-"""Tests for pneumoseg.data.series: CT series discovery, sorting, warnings, HU, affine, lung window."""
+"""Tests for pneumoseg.data.series: CT series discovery, sorting, warnings, HU, affine, localizers, slice UIDs."""
 
 from __future__ import annotations
 
@@ -9,19 +9,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoseg.data.readers import ImageReadError, LoadNifti
-from pneumoseg.data.series import (
-    LoadDicomSeries,
-    LoadDicomSeriesd,
-    LungWindow,
-    LungWindowd,
-    find_dicom_series,
-)
+from pneumoseg.data.series import LoadDicomSeries, LoadDicomSeriesd, find_dicom_series, load_dicom_series
 
 ROWS, COLS = 6, 5
 PIXEL_SPACING = (0.7, 0.9)  # (between rows, between columns)
@@ -208,13 +203,44 @@ def test_list_of_files_input_and_dict_form(tmp_path):
     assert tuple(d["image"].shape) == (1, COLS, ROWS, 5) and d["label"] == "x"
 
 
-def test_single_slice_raises(tmp_path):
-    write_series(tmp_path / "ct", n_slices=1)
+def test_single_slice_is_a_one_slice_volume_with_a_warning(tmp_path):
+    truth = write_series(tmp_path / "ct", n_slices=1, slice_spacing=3.0)
     (found,) = find_dicom_series(tmp_path / "ct")
-    assert found.error is not None and "fewer than 2" in found.error
-    with pytest.raises(ImageReadError, match="fewer than 2") as info:
-        LoadDicomSeries()(tmp_path / "ct")
-    assert str(tmp_path / "ct") in str(info.value)
+    assert found.error is None and "single slice" in found.warnings[0]
+    vol = LoadDicomSeries()(tmp_path / "ct")
+    assert tuple(vol.shape) == (1, COLS, ROWS, 1)
+    np.testing.assert_array_equal(vol[0, ..., 0].numpy(), truth["hu"][0].T)
+    # the slice axis: along the normal, by SliceThickness (no second position to measure it from)
+    np.testing.assert_allclose(vol.affine.numpy()[:3, 2], [0, 0, 3.0])
+
+
+def test_localizer_in_the_series_stays_out_and_layers_name_their_instances(tmp_path):
+    """A scout sharing the series' UID (and file names against slice order) never enters the volume; the
+    meta names the source instance of each layer in K order: what a SEG must reference."""
+    truth = write_series(tmp_path / "ct", n_slices=5)
+    scout = pydicom.dcmread(truth["files"][2])
+    scout.SOPInstanceUID = generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # coronal: would break the series
+    scout.save_as(tmp_path / "ct" / "AAA_scout")
+    (found,) = find_dicom_series(tmp_path / "ct")
+    assert found.error is None and len(found.files) == 5
+    headers: list = []
+    vol = load_dicom_series(found, headers=headers)
+    np.testing.assert_array_equal(vol[0].numpy(), truth["hu"].transpose(2, 1, 0))
+    expected = [pydicom.dcmread(truth["files"][k], stop_before_pixels=True).SOPInstanceUID for k in range(5)]
+    assert vol.meta["slice_sop_uids"] == expected
+    assert [h.SOPInstanceUID for h in headers] == expected and all("PixelData" not in h for h in headers)
+
+
+def test_slice_read_twice_must_be_the_same_instance(tmp_path):
+    truth = write_series(tmp_path / "ct", n_slices=3)
+    (found,) = find_dicom_series(tmp_path / "ct")
+    replaced = pydicom.dcmread(truth["files"][1])
+    replaced.SOPInstanceUID = generate_uid()
+    replaced.save_as(truth["files"][1])
+    with pytest.raises(ImageReadError, match="changed while the series was read"):
+        load_dicom_series(found)
 
 
 def test_inconsistent_orientation_raises(tmp_path):
@@ -237,24 +263,3 @@ def test_empty_folder_raises(tmp_path):
     with pytest.raises(ImageReadError, match="no DICOM image series") as info:
         LoadDicomSeries()(tmp_path)
     assert str(tmp_path) in str(info.value)
-
-
-# --- lung window -----------------------------------------------------------------------------------
-
-
-def test_lung_window_default_and_custom():
-    hu = torch.tensor([[-2000.0, -1350.0, -600.0, 150.0, 1000.0]])
-    np.testing.assert_allclose(LungWindow()(hu).numpy(), [[0.0, 0.0, 0.5, 1.0, 1.0]], atol=1e-6)
-    np.testing.assert_allclose(
-        LungWindow(width=400, level=40)(torch.tensor([-160.0, 40.0, 240.0])).numpy(), [0.0, 0.5, 1.0], atol=1e-6
-    )
-    with pytest.raises(ValueError):
-        LungWindow(width=0)
-
-
-def test_lung_window_keeps_meta(tmp_path):
-    write_series(tmp_path / "ct", n_slices=3)
-    d = LungWindowd(keys="image")(LoadDicomSeriesd(keys="image")({"image": tmp_path / "ct"}))
-    img = d["image"]
-    assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
-    assert img.meta["SeriesInstanceUID"] and img.affine.shape == (4, 4)

@@ -73,6 +73,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+def _ras(array: np.ndarray, like: str) -> np.ndarray:
+    """``array`` stored on the grid of the NIfTI ``like``, brought to RAS (nibabel, independently of MONAI)."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    return apply_orientation(array, io_orientation(nib.load(like).affine))
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
@@ -171,12 +178,14 @@ def test_ct_train_chain_samples_positive_slices(data: dict, tmp_path: Path) -> N
     only_pos.set_random_state(0)
     samples = only_pos(dict(item["nifti"]))
     assert len(samples) == 6
+    # the chain brings the volume to RAS first (the phantom is stored L-P-S: I and J flipped)
+    hu, mask = _ras(item["hu"], item["nifti"]["image"]), _ras(item["mask"], item["nifti"]["image"])
     for sample in samples:
         _check_2d(sample, CT_SIZE, min_max=0.3)
         assert sample["label"].any()
         # the slice is one of the volume's axial slices, lung-windowed
-        k = int(np.argmin([np.abs(sample["label"][0].numpy() - item["mask"][:, :, k]).sum() for k in range(CT_SLICES)]))
-        expected = np.clip((item["hu"][:, :, k] + 1350) / 1500, 0, 1)
+        k = int(np.argmin([np.abs(sample["label"][0].numpy() - mask[:, :, k]).sum() for k in range(CT_SLICES)]))
+        expected = np.clip((hu[:, :, k] + 1350) / 1500, 0, 1)
         np.testing.assert_allclose(sample["image"][0].numpy(), expected, atol=1e-5)
     augmented = T.ct_train_transforms(spatial_size=CT_S, num_samples=4, prob=1.0)
     augmented.set_random_state(0)
@@ -259,24 +268,52 @@ def test_radiograph_resize_averages_and_inverts_smoothly() -> None:
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (150, 97), (64, 64), (40, 90)])
-def test_fast_radiograph_inverse_equals_monai(shape) -> None:
-    # the runner's one-interpolation inverse gives MONAI's Invertd mask to the pixel, or defers to it
+def test_radiograph_inverse_is_monai_invertd_of_one_bilinear_resize(shape) -> None:
+    # MONAI's Invertd over the chain gives exactly one bilinear resize of the mask to the source size (the
+    # inverse AreaResize records), thresholded at 0.5, whether the chain shrank or enlarged the image
+    import torch.nn.functional as F
     from monai.data import MetaTensor
 
-    pre = T.radiograph_inference_transforms(spatial_size=64)
-    chain = T.Compose(pre.transforms[1:2])  # the resize: the only spatial operation of the chain
+    pre = T.radiograph_inference_transforms(spatial_size=64, load=False)
     rng = np.random.default_rng(sum(shape))
-    sample = chain({"image": MetaTensor(torch.from_numpy(rng.random(shape, dtype=np.float32))[None])})
+    sample = pre({"image": MetaTensor(torch.from_numpy(rng.random(shape, dtype=np.float32))[None])})
     yy, xx = np.mgrid[:64, :64]
-    blobs = (np.sin(yy / 3.0) * np.cos(xx / 5.0) > 0.3).astype(np.float32)  # many edges
-    mask = torch.from_numpy(blobs)[None]
-    fast = T.invert_radiograph_mask(mask, sample["image"])
-    if shape[0] < 64 or shape[1] < 64:  # enlarged by the chain: MONAI's inverse would anti-alias
-        assert fast is None
-        return
+    mask = torch.from_numpy((np.sin(yy / 3.0) * np.cos(xx / 5.0) > 0.3).astype(np.float32))[None]  # many edges
     sample["pred"] = MetaTensor(mask.clone(), meta=dict(sample["image"].meta))
-    monai = T.invert_prediction_transforms(chain, sigmoid=False, threshold=0.5)(sample)["pred"][0].numpy() > 0.5
-    assert fast.shape == shape and fast.dtype == bool
-    assert np.array_equal(fast, monai)
-    assert 0 < fast.sum() < fast.size
-    assert T.invert_radiograph_mask(mask, MetaTensor(torch.zeros(1, *shape))) is None  # nothing recorded
+    monai = T.invert_prediction_transforms(pre, sigmoid=False, threshold=0.5)(sample)["pred"][0].numpy() > 0.5
+    one = F.interpolate(mask[None], size=shape, mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+    assert monai.shape == shape and np.array_equal(monai, one)
+    assert 0 < monai.sum() < monai.size
+    assert [op["class"] for op in sample["image"].applied_operations] == ["AreaResize"]  # the sample keeps it
+
+
+def test_ct_chain_orients_the_volume_and_inverts_exactly() -> None:
+    """A NIfTI stored with J reversed and its axes permuted reaches the model in RAS, and the prediction comes
+    back on the stored grid (MONAI's Orientationd + Invertd)."""
+    from monai.data import MetaTensor
+
+    ras = np.zeros((32, 32, 6), np.float32)
+    ras[4:10, 20:28, 2:4] = 1.0  # an asymmetric block, in RAS order
+    affine_ras = np.diag([1.0, 1.0, 2.5, 1.0])
+    # stored as [K, I, J] with J reversed: the compensating affine describes the same voxels
+    stored = np.ascontiguousarray(ras[:, ::-1, :].transpose(2, 0, 1))
+    flip_j = np.eye(4)
+    flip_j[1, 1], flip_j[1, 3] = -1.0, 31.0
+    permute = np.zeros((4, 4))
+    permute[0, 1] = permute[1, 2] = permute[2, 0] = permute[3, 3] = 1.0
+    affine = affine_ras @ flip_j @ permute
+    chain = T.ct_inference_transforms(spatial_size=32, window=(0.0, 1.0), load=False)
+    sample = chain({"image": MetaTensor(torch.from_numpy(stored)[None], affine=torch.from_numpy(affine))})
+    np.testing.assert_array_equal(sample["image"][0].numpy(), ras)  # the model sees RAS, slices along K
+    sample["pred"] = MetaTensor(sample["image"].as_tensor().clone(), meta=dict(sample["image"].meta))
+    back = T.invert_prediction_transforms(chain, sigmoid=False, threshold=0.5)(sample)["pred"][0].numpy()
+    np.testing.assert_array_equal(back, stored)
+
+
+def test_a_single_slice_keeps_its_thin_axis_last() -> None:
+    coronal = np.array([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    assert T.slice_orientation(coronal, (64, 1, 48)) == "RSA"  # the one coronal slice is the model's slice
+    assert T.slice_orientation(coronal, (64, 64, 1)) == "RAS"  # an axial slice: RAS already
+    assert T.slice_orientation(np.diag([-1.0, -1, 1, 1]), (1, 64, 48)) == "ASR"  # sagittal, stored L
+    assert T.slice_orientation(coronal, (64, 64, 6)) == "RAS"
+    assert T.orientation_with_last("LPS", "A") == "LSP"

@@ -212,13 +212,9 @@ def split_by_patient(
         (patient -> split name, patient -> fold index for training + validation patients).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"need 0 <= fractions and val + test < 1, got val={val_fraction}, test={test_fraction}"
-        )
+        raise ValueError(f"need 0 <= fractions and val + test < 1, got val={val_fraction}, test={test_fraction}")
     rng = np.random.default_rng(seed)
-    strata = [
-        sorted(p for p, pos in patient_positive.items() if bool(pos) == positive) for positive in (1, 0)
-    ]
+    strata = [sorted(p for p, pos in patient_positive.items() if bool(pos) == positive) for positive in (1, 0)]
     sizes = np.array([len(s) for s in strata])
     n_total = int(sizes.sum())
     per_stratum = {}
@@ -269,9 +265,7 @@ def assemble_manifest(
     """Split records by patient and build the datalist dict (also fills ``summary.counts``)."""
     patient_positive: dict[str, bool] = {}
     for r in records:
-        patient_positive[r.patient_id] = patient_positive.get(r.patient_id, False) or bool(
-            r.entry["has_pneumothorax"]
-        )
+        patient_positive[r.patient_id] = patient_positive.get(r.patient_id, False) or bool(r.entry["has_pneumothorax"])
     split, fold = split_by_patient(patient_positive, val_fraction, test_fraction, folds, seed)
     fold_keys = [f"fold_{i}" for i in range(folds)] if folds >= 2 else []
     manifest: dict[str, Any] = {
@@ -491,9 +485,7 @@ def _check_pair(image: Path, label: Path, rel: str, summary: ManifestSummary) ->
         return None
     if image_kind == label_kind:
         if image_shape != label_shape:
-            summary.skip(
-                rel, Reason.MASK_SIZE_MISMATCH, f"image {image_shape} vs label {label_shape} ({label})"
-            )
+            summary.skip(rel, Reason.MASK_SIZE_MISMATCH, f"image {image_shape} vs label {label_shape} ({label})")
             return None
     else:
         # NIfTI axes are (column, row, ...) while DICOM/PNG are (row, column): not comparable without
@@ -542,11 +534,7 @@ def build_nifti_manifest(
     images: list[tuple[Path, str]] = []
     for p in sorted(images_dir.rglob("*")):
         stem = _nifti_stem(p)
-        if (
-            stem is not None
-            and p.is_file()
-            and not (same_dir and any(stem.endswith(s) for s in label_suffixes))
-        ):
+        if stem is not None and p.is_file() and not (same_dir and any(stem.endswith(s) for s in label_suffixes)):
             images.append((p, stem))
     summary.scanned = len(images)
     used: set[Path] = set()
@@ -670,18 +658,14 @@ def summary_path_for(manifest_path: str | Path) -> Path:
     return Path(manifest_path).with_suffix(".summary.json")
 
 
-def write_manifest(
-    manifest: Mapping[str, Any], path: str | Path, summary: ManifestSummary | None = None
-) -> Path:
+def write_manifest(manifest: Mapping[str, Any], path: str | Path, summary: ManifestSummary | None = None) -> Path:
     """Write the manifest JSON (and ``<M>.summary.json``); ``data_root`` is stored relative to the
     manifest's folder so that manifest + data can be moved together. Returns the manifest path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = dict(manifest)
     if "data_root" in out:
-        out["data_root"] = Path(
-            os.path.relpath(Path(out["data_root"]).resolve(), path.parent.resolve())
-        ).as_posix()
+        out["data_root"] = Path(os.path.relpath(Path(out["data_root"]).resolve(), path.parent.resolve())).as_posix()
     path.write_text(json.dumps(out, indent=1) + "\n")
     if summary is not None:
         summary_path_for(path).write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
@@ -720,9 +704,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--out", required=True, type=Path, help="manifest JSON to write (e.g. data/siim.json)"
-    )
+    common.add_argument("--out", required=True, type=Path, help="manifest JSON to write (e.g. data/siim.json)")
     common.add_argument(
         "--data-root",
         type=Path,
@@ -757,9 +739,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "random one and store it there (never in the manifest)",
     )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common.add_argument(
-        "--strict", action="store_true", help="exit with status 1 if any item was skipped (default: 0)"
-    )
+    common.add_argument("--strict", action="store_true", help="exit with status 1 if any item was skipped (default: 0)")
 
     siim = sources.add_parser(
         "siim",
@@ -811,9 +791,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         description="Rows image,label[,patient_id]; relative paths are relative to the CSV's folder. Without "
         "patient_id every image is its own patient.",
     )
-    table.add_argument(
-        "--csv", required=True, type=Path, help="CSV file with columns image,label[,patient_id]"
-    )
+    table.add_argument("--csv", required=True, type=Path, help="CSV file with columns image,label[,patient_id]")
     table.set_defaults(func=run)
 
 

@@ -19,63 +19,45 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+from pneumoseg.data.dicom import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ImageReadError,
+    PathLike,
+    decode_pixels,
+    has_suffix,
+    int_value,
+    pixel_spacing,
+    quiet_value_validation,
+    read_dicom,
+)
+from pneumoseg.data.series import LoadDicomSeries
+
+__all__ = [
+    "ImageReadError",
+    "LoadChestImage",
+    "LoadChestImaged",
+    "LoadNifti",
+    "LoadNiftid",
+    "LoadRadiograph",
+    "LoadRadiographd",
+    "image_kind",
+    "radiograph_from_dataset",
+    "read_dicom_radiograph",
+    "read_image_file",
+]
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
 # ITU-R BT.601 luma weights, the same PIL uses for RGB -> "L", so DICOM RGB and PNG exports agree
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
-
-
-class ImageReadError(ValueError):
-    """An input image cannot be read; the message names the file (and transfer syntax for DICOM)."""
-
-
-def _transfer_syntax(ds: Dataset) -> str:
-    """``"<UID> (<name>)"`` of the dataset's transfer syntax, for error messages."""
-    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if uid is None:
-        return "unknown transfer syntax (no (0002,0010) Transfer Syntax UID)"
-    return f"{uid} ({uid.name})"
-
-
-def read_dicom_header(path: PathLike, stop_before_pixels: bool = False) -> Dataset:
-    """``pydicom.dcmread`` whose failures are :class:`ImageReadError` naming the file."""
-    try:
-        return pydicom.dcmread(os.fspath(path), stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError as e:
-        raise ImageReadError(f"{path}: not a DICOM file ({e})") from e
-    except Exception as e:  # truncated / corrupt files raise all kinds of errors inside pydicom
-        raise ImageReadError(f"{path}: cannot parse DICOM ({type(e).__name__}: {e})") from e
-
-
-def decode_pixels(ds: Dataset, path: PathLike, frame: int | None = None) -> np.ndarray:
-    """Decoded stored values of one frame (or the whole single-frame image).
-
-    Returns ``[Rows, Columns]`` or ``[Rows, Columns, Samples]`` (pydicom order; YBR already converted to
-    RGB by pydicom). BitsStored is honoured by pydicom (unused high bits masked, sign extended).
-    Raises :class:`ImageReadError` naming ``path`` and the transfer syntax if no installed plugin decodes.
-    """
-    if "PixelData" not in ds:
-        raise ImageReadError(f"{path}: no (7FE0,0010) Pixel Data element")
-    try:
-        return pixel_array(ds, index=frame)
-    except Exception as e:
-        raise ImageReadError(
-            f"{path}: cannot decode pixel data with transfer syntax {_transfer_syntax(ds)} ({type(e).__name__}: {e})"
-        ) from e
 
 
 def _stored_range(ds: Dataset) -> tuple[float, float]:
@@ -108,21 +90,6 @@ def _to_luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3].astype(np.float64) @ LUMA_WEIGHTS
 
 
-def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """(row spacing, column spacing) in mm = spacing along (H, W); ``None`` if absent or non-positive."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        if value is None:
-            continue
-        try:
-            spacing = (float(value[0]), float(value[1]))
-        except (TypeError, ValueError, IndexError):
-            continue
-        if all(np.isfinite(s) and s > 0 for s in spacing):  # zero spacing occurs in the wild: missing
-            return spacing
-    return None
-
-
 def _radiograph_tensor(image: np.ndarray, spacing: tuple[float, float] | None, meta: dict[str, Any]) -> MetaTensor:
     """``[H, W]`` -> MetaTensor ``[1, H, W]`` with spacing/affine meta (affine: index -> mm, no patient frame)."""
     spacing_missing = spacing is None
@@ -141,6 +108,23 @@ def _radiograph_tensor(image: np.ndarray, spacing: tuple[float, float] | None, m
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], affine=affine, meta=meta)
 
 
+def _display_values(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """Decoded stored values -> display values ``[H, W]`` (higher = brighter)."""
+    if photometric == "PALETTE COLOR":
+        return _to_luminance(apply_color_lut(arr, ds))
+    if arr.ndim == 3:  # RGB (pydicom converted YBR_* to RGB already); no LUTs apply to colour
+        return _to_luminance(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"unexpected decoded shape {arr.shape}")
+    # float32 is exact for stored values (<= 16 bit) and is what the tensor holds anyway
+    image = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32, copy=False)
+    if photometric == "MONOCHROME1":
+        # pydicom leaves MONOCHROME1 as stored (checked in tests): invert within the LUT output range
+        lo, hi = display_range(ds)
+        image = lo + hi - image
+    return image
+
+
 def read_dicom_radiograph(path: PathLike, frame: int | None = None) -> MetaTensor:
     """Read a single-frame DICOM radiograph (CR/DX/DR, or any 2D DICOM image) as display values.
 
@@ -151,16 +135,13 @@ def read_dicom_radiograph(path: PathLike, frame: int | None = None) -> MetaTenso
     Returns:
         MetaTensor float32 ``[1, H, W]``, H = Rows, W = Columns (``pixel_array`` order).
     """
-    return radiograph_from_dataset(read_dicom_header(path), path, frame)
+    return radiograph_from_dataset(read_dicom(path), path, frame)
 
 
 def radiograph_from_dataset(ds: Dataset, path: PathLike, frame: int | None = None) -> MetaTensor:
     """:func:`read_dicom_radiograph` of a dataset already read with its pixel data (``path`` names it in
     errors and meta): for callers that need the header too, without parsing the file twice."""
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        n_frames = 1
+    n_frames = int_value(ds, "NumberOfFrames", 1) or 1
     if n_frames > 1 and frame is None:
         raise ImageReadError(
             f"{path}: multi-frame DICOM ({n_frames} frames) is not a single radiograph; pass frame=<index>"
@@ -171,25 +152,12 @@ def radiograph_from_dataset(ds: Dataset, path: PathLike, frame: int | None = Non
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
 
     try:
-        if photometric == "PALETTE COLOR":
-            image = _to_luminance(apply_color_lut(arr, ds))
-        elif arr.ndim == 3:  # RGB (pydicom converted YBR_* to RGB already); no LUTs apply to colour
-            image = _to_luminance(arr)
-        elif arr.ndim == 2:
-            # float32 is exact for stored values (<= 16 bit) and is what the tensor holds anyway
-            image = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32, copy=False)
-            if photometric == "MONOCHROME1":
-                # pydicom leaves MONOCHROME1 as stored (checked in tests): invert within the LUT output range
-                lo, hi = display_range(ds)
-                image = lo + hi - image
-        else:
-            raise ValueError(f"unexpected decoded shape {arr.shape}")
-    except ImageReadError:
-        raise
+        with quiet_value_validation():  # LUT elements are read lazily; their warnings would quote values
+            image = _display_values(arr, ds, photometric)
     except Exception as e:  # malformed LUT / window elements
-        raise ImageReadError(f"{path}: cannot apply modality/VOI/colour LUT ({type(e).__name__}: {e})") from e
+        raise ImageReadError(f"{path}: cannot apply modality/VOI/colour LUT ({type(e).__name__})") from None
     if not np.all(np.isfinite(image)):
-        raise ImageReadError(f"{path}: decoded image contains NaN/inf values")
+        raise ImageReadError(f"{path}: decoded image contains NaN or infinite values")
 
     meta = {
         "filename_or_obj": os.fspath(path),
@@ -203,7 +171,7 @@ def radiograph_from_dataset(ds: Dataset, path: PathLike, frame: int | None = Non
     }
     if n_frames > 1:
         meta["frame"] = frame
-    return _radiograph_tensor(image, _pixel_spacing(ds), meta)
+    return _radiograph_tensor(image, pixel_spacing(ds), meta)
 
 
 def read_image_file(path: PathLike) -> MetaTensor:
@@ -239,10 +207,6 @@ def read_image_file(path: PathLike) -> MetaTensor:
     return _radiograph_tensor(image, None, meta)
 
 
-def _has_suffix(path: PathLike, suffixes: Sequence[str]) -> bool:
-    return os.fspath(path).lower().endswith(tuple(suffixes))
-
-
 class LoadRadiograph(Transform):
     """Load a radiograph (DICOM, or a ``.png/.jpg/.jpeg`` export) as MetaTensor ``[1, H, W]`` float32.
 
@@ -254,7 +218,7 @@ class LoadRadiograph(Transform):
         self.frame = frame
 
     def __call__(self, path: PathLike) -> MetaTensor:
-        if _has_suffix(path, IMAGE_SUFFIXES):
+        if has_suffix(path, IMAGE_SUFFIXES):
             return read_image_file(path)
         return read_dicom_radiograph(path, frame=self.frame)
 
@@ -280,10 +244,10 @@ def _affine_spacing(affine: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 class LoadNifti(Transform):
-    """Load a NIfTI volume as MetaTensor ``[C, I, J, K]`` float32 with its RAS affine; NaN voxels raise.
+    """Load a NIfTI volume as MetaTensor ``[C, I, J, K]`` float32 with its RAS affine; NaN / ±inf voxels raise.
 
     MONAI's ``LoadImage(reader="NibabelReader")`` does the reading (voxel order and affine as stored,
-    which is our convention); this adds ``spacing`` and the NaN check.
+    which is our convention); this adds ``spacing`` and the check for non-finite voxels.
     """
 
     def __init__(self) -> None:
@@ -294,9 +258,9 @@ class LoadNifti(Transform):
             img = self.loader(os.fspath(path))
         except Exception as e:
             raise ImageReadError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
-        n_nan = int(torch.isnan(img).sum())
-        if n_nan:
-            raise ImageReadError(f"{path}: NIfTI volume contains {n_nan} NaN voxel(s)")
+        n_bad = int((~torch.isfinite(img)).sum())
+        if n_bad:
+            raise ImageReadError(f"{path}: NIfTI volume contains {n_bad} NaN or infinite voxel(s)")
         img.meta["filename_or_obj"] = os.fspath(path)
         img.meta["spacing"] = _affine_spacing(img.affine)
         return img
@@ -320,9 +284,9 @@ def image_kind(path: PathLike) -> str:
     """``"dicom_series"`` (directory), ``"nifti"``, ``"image"`` (PNG/JPEG) or ``"dicom"`` for ``path``."""
     if Path(path).is_dir():
         return "dicom_series"
-    if _has_suffix(path, NIFTI_SUFFIXES):
+    if has_suffix(path, NIFTI_SUFFIXES):
         return "nifti"
-    if _has_suffix(path, IMAGE_SUFFIXES):
+    if has_suffix(path, IMAGE_SUFFIXES):
         return "image"
     return "dicom"
 
@@ -340,9 +304,6 @@ class LoadChestImage(Transform):
     """
 
     def __init__(self, frame: int | None = None, series_uid: str | None = None) -> None:
-        # imported here: series.py imports ImageReadError from this module
-        from pneumoseg.data.series import LoadDicomSeries
-
         self.radiograph = LoadRadiograph(frame=frame)
         self.nifti = LoadNifti()
         self.series = LoadDicomSeries(series_uid=series_uid)

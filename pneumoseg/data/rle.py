@@ -231,9 +231,7 @@ def read_siim_csv(path: str | Path) -> dict[str, list[str]]:
             if not fields or all(not x.strip() for x in fields):
                 continue  # trailing blank line
             if len(fields) != 2:
-                raise ValueError(
-                    f"{path}:{reader.line_num}: expected 2 fields, got {len(fields)}: {fields!r}"
-                )
+                raise ValueError(f"{path}:{reader.line_num}: expected 2 fields, got {len(fields)}: {fields!r}")
             image_id, rle = fields[0].strip(), fields[1].strip()
             if not image_id:
                 raise ValueError(f"{path}:{reader.line_num}: empty ImageId")
@@ -259,9 +257,7 @@ def write_siim_csv(path: str | Path, rows: Mapping[str, Sequence[str]], style: C
         for rle in rles:
             # written by hand rather than with csv.writer, which cannot produce the stage-1 leading space
             if any(c in str(image_id) + rle for c in ',"\n\r'):
-                raise ValueError(
-                    f"{path}: ImageId {image_id!r} or its RLE contains a comma, quote or newline"
-                )
+                raise ValueError(f"{path}: ImageId {image_id!r} or its RLE contains a comma, quote or newline")
             lines.append(f"{image_id}{sep}{rle.strip()}")
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -5,8 +5,12 @@ series in one folder give a bogus spacing), and it transposes relative to ``pixe
 
 * files are grouped by SeriesInstanceUID, never merged across series;
 * slices are sorted by ImagePositionPatient projected on the slice normal (row x column cosines);
+* localizers (ImageType LOCALIZER, often sharing the axial series' UID) never enter the volume;
 * duplicates (same position; dropped) and gaps (> 1.5x the median spacing) are warnings, kept in
-  ``meta["series_warnings"]`` and logged; only < 2 slices or inconsistent orientation/shape raise;
+  ``meta["series_warnings"]`` and logged, as is a single slice (its step: SpacingBetweenSlices, else
+  SliceThickness, else 1 mm); only inconsistent orientation / shape or missing geometry raise;
+* the volume's K axis is the sorted slice order, and ``meta["slice_sop_uids"]`` names the source instance
+  of each layer (what a DICOM SEG over the volume must reference, never the file order);
 * the volume is ``[1, I, J, K]`` (I = column index, J = row index, K = slice) in Hounsfield units with
   the RAS affine (DICOM LPS flipped like MONAI/ITK), i.e. what nibabel/MONAI give for a NIfTI export.
 """
@@ -25,10 +29,29 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, ScaleIntensityRange, Transform
+from monai.transforms import MapTransform, Transform
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from pneumoseg.data.readers import ImageReadError, PathLike, decode_pixels, read_dicom_header
+from pneumoseg.data.dicom import (
+    ImageReadError,
+    PathLike,
+    decode_pixels,
+    float_array,
+    int_value,
+    is_localizer,
+    read_dicom,
+    walk_files,
+)
+
+__all__ = [
+    "DicomSeries",
+    "LoadDicomSeries",
+    "LoadDicomSeriesd",
+    "find_dicom_series",
+    "group_series",
+    "load_dicom_series",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +75,8 @@ class _SliceHeader:
     pixel_spacing: tuple[float, float] | None
     instance_number: int
     n_frames: int
+    sop_uid: str = ""
+    slice_step: float | None = None  # SpacingBetweenSlices, else SliceThickness (a single slice's step)
 
 
 @dataclass
@@ -60,7 +85,7 @@ class DicomSeries:
 
     ``files`` are sorted along the slice normal (duplicates removed); ``positions`` are the slices'
     positions along the normal in mm ``[N]``; ``error`` is set (and loading raises it) when the series
-    cannot form a volume (fewer than 2 slices, inconsistent orientation/shape, missing geometry).
+    cannot form a volume (inconsistent orientation/shape, missing geometry).
     """
 
     series_uid: str
@@ -73,41 +98,37 @@ class DicomSeries:
     headers: list[_SliceHeader] = field(default_factory=list, repr=False)  # geometry of ``files``
 
 
-def _float_array(value: Any, n: int) -> np.ndarray | None:
-    try:
-        arr = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
-
-
 def _slice_header(path: Path) -> tuple[str, str, str, _SliceHeader] | None:
-    """(series UID, modality, description, header) of an image file; None for non-DICOM / non-image files."""
+    """(series UID, modality, description, header) of a slice file; None for non-DICOM / non-image files
+    and for localizers."""
     try:
-        ds = read_dicom_header(path, stop_before_pixels=True)
+        ds = read_dicom(path, stop_before_pixels=True)
     except ImageReadError as e:
         logger.debug("skipping %s", e)
         return None
     if "Rows" not in ds or "Columns" not in ds:  # DICOMDIR, SR, RTSTRUCT...: no image
         return None
+    if is_localizer(ds):
+        logger.info("%s: localizer image, not part of a volume", path)
+        return None
     uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not uid:
         logger.warning("%s: image without SeriesInstanceUID, skipped", path)
         return None
-    spacing = _float_array(ds.get("PixelSpacing"), 2)
-    try:
-        instance_number = int(ds.get("InstanceNumber") or 0)
-    except (TypeError, ValueError):
-        instance_number = 0
+    spacing = float_array(ds.get("PixelSpacing"), 2)
+    steps = [float_array([ds.get(k)], 1) for k in ("SpacingBetweenSlices", "SliceThickness")]
+    step = next((float(v[0]) for v in steps if v is not None and v[0] > 0), None)
     header = _SliceHeader(
         path=path,
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        orientation=_float_array(ds.get("ImageOrientationPatient"), 6),
-        position=_float_array(ds.get("ImagePositionPatient"), 3),
+        rows=int_value(ds, "Rows", 0),
+        columns=int_value(ds, "Columns", 0),
+        orientation=float_array(ds.get("ImageOrientationPatient"), 6),
+        position=float_array(ds.get("ImagePositionPatient"), 3),
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
-        instance_number=instance_number,
-        n_frames=int(ds.get("NumberOfFrames") or 1),
+        instance_number=int_value(ds, "InstanceNumber", 0),
+        n_frames=int_value(ds, "NumberOfFrames", 1) or 1,
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        slice_step=step,
     )
     return uid, str(ds.get("Modality", "") or ""), str(ds.get("SeriesDescription", "") or ""), header
 
@@ -149,12 +170,11 @@ def _sort_slices(uid: str, headers: list[_SliceHeader]) -> tuple[list[_SliceHead
             )
         else:
             kept.append(h)
-    if len(kept) < 2:
-        raise ImageReadError(f"{where}: fewer than 2 distinct slice positions ({len(headers)} file(s))")
-
+    if len(kept) == 1:
+        warnings.append("a single slice: processed as a one-slice volume")
     positions = np.array([float(h.position @ normal) for h in kept])
     steps = np.diff(positions)
-    median = float(np.median(steps))
+    median = float(np.median(steps)) if len(steps) else 0.0
     for i in np.flatnonzero(steps > GAP_FACTOR * median):
         warnings.append(
             f"missing slice(s) between {kept[i].path.name} and {kept[i + 1].path.name}: gap "
@@ -166,7 +186,7 @@ def _sort_slices(uid: str, headers: list[_SliceHeader]) -> tuple[list[_SliceHead
     return kept, positions, warnings
 
 
-def _group_series(files: Sequence[Path]) -> list[DicomSeries]:
+def group_series(files: Sequence[Path]) -> list[DicomSeries]:
     """Group image files by SeriesInstanceUID and sort each series; problems go to ``error``/``warnings``."""
     groups: dict[str, list[_SliceHeader]] = defaultdict(list)
     info: dict[str, tuple[str, str]] = {}
@@ -203,8 +223,7 @@ def find_dicom_series(folder: PathLike) -> list[DicomSeries]:
     root = Path(folder)
     if not root.is_dir():
         raise ImageReadError(f"{folder}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return _group_series(files)
+    return group_series(walk_files(root).files)
 
 
 def _series_affine(
@@ -219,27 +238,38 @@ def _series_affine(
     return LPS_TO_RAS @ affine
 
 
-def load_dicom_series(series: DicomSeries, where: str | None = None) -> MetaTensor:
+def load_dicom_series(
+    series: DicomSeries, where: str | None = None, headers: list[Dataset] | None = None
+) -> MetaTensor:
     """Read the slices of a sorted :class:`DicomSeries` into MetaTensor ``[1, I, J, K]`` float32 (HU).
 
     ``meta`` holds filename_or_obj (``where``, default the first file's folder), spacing (mm per I, J, K),
     affine (RAS), Modality, SeriesInstanceUID, PhotometricInterpretation, BodyPartExamined,
-    series_warnings, n_slices.
+    series_warnings, n_slices, slice_sop_uids (SOPInstanceUID of layer k, k = 0..K-1).
+    ``headers``: if given, each slice's dataset without its pixel data is appended, in K order (the
+    sources of a DICOM SEG over the volume; read here anyway, so not parsed twice).
     """
     where = where or os.fspath(series.files[0].parent)
     if series.error is not None:
         raise ImageReadError(series.error)
     frames: list[np.ndarray] = []
     first_ds = None
-    for path in series.files:
-        ds = read_dicom_header(path)
+    for path, expected in zip(series.files, series.headers):
+        ds = read_dicom(path)
+        if str(ds.get("SOPInstanceUID", "") or "") != expected.sop_uid:
+            raise ImageReadError(f"{path}: changed while the series was read (SOPInstanceUID differs)")
         raw = decode_pixels(ds, path)
         if raw.ndim != 2:
             raise ImageReadError(f"{path}: expected a single-sample slice, decoded shape {raw.shape}")
         # per slice: RescaleSlope/Intercept may differ between slices
         frames.append(np.asarray(apply_modality_lut(raw, ds), dtype=np.float32))
+        if not np.all(np.isfinite(frames[-1])):
+            raise ImageReadError(f"{path}: rescaled pixels contain NaN or infinite values")
         if first_ds is None:
             first_ds = ds
+        if headers is not None:
+            del ds.PixelData
+            headers.append(ds)
     assert first_ds is not None
     first, last = series.headers[0], series.headers[-1]
     pixel_spacing = first.pixel_spacing
@@ -249,10 +279,13 @@ def load_dicom_series(series: DicomSeries, where: str | None = None) -> MetaTens
         pixel_spacing = (1.0, 1.0)
     # slice step: median of consecutive position differences along the normal, in the direction
     # first -> last slice position (handles gantry tilt / shear: the IPP offset need not be the normal)
-    step_along_normal = float(np.median(np.diff(series.positions)))
-    offset = last.position - first.position
-    offset_normal = float(offset @ _slice_normal(first.orientation))
-    step_lps = offset / offset_normal * step_along_normal
+    normal = _slice_normal(first.orientation)
+    if len(series.headers) > 1:
+        step_along_normal = float(np.median(np.diff(series.positions)))
+        offset = last.position - first.position
+        step_lps = offset / float(offset @ normal) * step_along_normal
+    else:  # one slice: along the normal, by the thickness the header gives
+        step_lps = normal * (first.slice_step or 1.0)
     affine = _series_affine(first.position, first.orientation, pixel_spacing, step_lps)
 
     # [K, Rows, Cols] -> [I = col, J = row, K]
@@ -267,6 +300,7 @@ def load_dicom_series(series: DicomSeries, where: str | None = None) -> MetaTens
         "BodyPartExamined": str(first_ds.get("BodyPartExamined", "") or ""),
         "series_warnings": warnings,
         "n_slices": len(frames),
+        "slice_sop_uids": [h.sop_uid for h in series.headers],
         "spatial_shape": np.array(volume.shape, dtype=np.int64),
         "original_channel_dim": "no_channel",
         "original_affine": torch.as_tensor(affine, dtype=torch.float64),
@@ -319,7 +353,7 @@ class LoadDicomSeries(Transform):
         if isinstance(source, (list, tuple)):
             files = [Path(p) for p in source]
             where = os.fspath(files[0].parent) if files else "<empty file list>"
-            found = _group_series(files)
+            found = group_series(files)
         else:
             where = os.fspath(source)
             found = find_dicom_series(source)
@@ -343,39 +377,4 @@ class LoadDicomSeriesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.loader(d[key])
-        return d
-
-
-class LungWindow(Transform):
-    """HU -> [0, 1] through a lung window (default width 1500, level -600), clipped.
-
-    A thin wrapper over MONAI's ScaleIntensityRange so that the window is named in one place.
-    Input any shape (tensor or array); MetaTensor meta is kept.
-    """
-
-    def __init__(self, width: float = 1500.0, level: float = -600.0) -> None:
-        if width <= 0:
-            raise ValueError(f"window width must be positive, got {width}")
-        self.width, self.level = float(width), float(level)
-        self.scaler = ScaleIntensityRange(
-            a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True
-        )
-
-    def __call__(self, img: Any) -> Any:
-        return self.scaler(img)
-
-
-class LungWindowd(MapTransform):
-    """Dictionary form of :class:`LungWindow`."""
-
-    def __init__(
-        self, keys: KeysCollection, width: float = 1500.0, level: float = -600.0, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.window = LungWindow(width=width, level=level)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.window(d[key])
         return d

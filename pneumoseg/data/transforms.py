@@ -1,28 +1,32 @@
 """Training / validation / inference transform chains (MONAI ``Compose`` over dict samples).
 
 The factories take only simple, JSON-friendly parameters so that bundle configs can call them, e.g.
-``{"_target_": "pneumoseg.data.transforms.radiograph_train_transforms", "spatial_size": 512}``.
+``{"_target_": "pneumoseg.data.transforms.radiograph_train_transforms", "spatial_size": 512}``. Their
+preprocessing defaults (input size, intensity percentiles, CT window and orientation) are those of the
+model record's dataclasses (:class:`pneumoseg.model_record.RadiographPreprocessing`,
+:class:`~pneumoseg.model_record.CTPreprocessing`): one home, which a trained model's record repeats.
 
 Radiographs (manifest entries ``{"image", "label_rle"}`` or ``{"image", "label"}``, see ``docs/data.md``):
 load (``LoadChestImaged``: ``[1, H, W]`` display values) → label from the SIIM RLE rows
 (``DecodeSIIMRLEd``) or from a mask file (binarised at 0.5) → resize to ``S x S`` (image by pixel-area
-averaging, MONAI's default ``"area"`` mode: the exact box filter for the usual downsampling, e.g. SIIM's
-1024 px to 512; an image smaller than ``S`` is enlarged by pixel replication; mask nearest, so it stays
-binary) → percentile scaling to [0, 1] (:class:`PercentileScaleIntensityd`; robust to 8-16 bit and to
-burnt-in labels) → training augmentation → ``EnsureTyped``. Output: ``image`` float ``[1, S, S]``
-in [0, 1], ``label`` ``[1, S, S]`` in {0, 1}.
+averaging, :class:`AreaResized`: the exact box filter for the usual downsampling, e.g. SIIM's 1024 px
+to 512; an image smaller than ``S`` is enlarged by pixel replication; its inverse is bilinear; mask
+nearest, so it stays binary) → percentile scaling to [0, 1] (:class:`PercentileScaleIntensityd`; robust
+to 8-16 bit and to burnt-in labels) → training augmentation → ``EnsureTyped``. Output: ``image`` float
+``[1, S, S]`` in [0, 1], ``label`` ``[1, S, S]`` in {0, 1}.
 
-CT (``{"image": volume, "label": mask volume}``, NIfTI or DICOM series, ``[1, I, J, K]`` in HU): lung
-window W1500/L-600 → [0, 1] via MONAI's ``ScaleIntensityRanged(-1350, 150)`` (the same numbers as
-``pneumoseg.data.series.LungWindowd``, used here so that the chains depend on MONAI only) → training:
-axial slices (last axis K) sampled with ``RandCropByPosNegLabeld(spatial_size=(-1, -1, 1))`` (``pos`` /
-``neg`` set the share of slices through the pneumothorax), squeezed to ``[1, I, J]`` and resized to
-``S x S``; validation / inference keep the volume ``[1, S, S, K]`` for slice-wise inference
-(``monai.inferers.SliceInferer(spatial_dim=2)``). CT slices stay in array order ``[I, J]`` = (column,
-row), i.e. transposed w.r.t. a displayed radiograph; a model trained on CT slices sees them consistently.
+CT (``{"image": volume, "label": mask volume}``, NIfTI or DICOM series, ``[1, I, J, K]`` in HU): MONAI's
+``Orientationd`` to the record's orientation (default RAS: the last axis runs to superior, i.e. is the
+axial one whatever the storage order or slice plane) → the HU window (default W1500/L-600,
+``[-1350, 150]``) → [0, 1] via MONAI's ``ScaleIntensityRanged`` → training: axial slices (last axis K)
+sampled with ``RandCropByPosNegLabeld(spatial_size=(-1, -1, 1))`` (``pos`` / ``neg`` set the share of
+slices through the pneumothorax), squeezed to ``[1, I, J]`` and resized to ``S x S``; validation /
+inference keep the volume ``[1, S, S, K]`` for slice-wise inference (``monai.inferers.SliceInferer``).
+Training and inference share the orientation, so the model sees slices the same way in both.
 
 Inference chains are invertible (MONAI records each spatial transform in ``applied_operations``);
-:func:`invert_prediction_transforms` maps a prediction back to the source image's geometry.
+:func:`invert_prediction_transforms` maps a prediction back to the source image's geometry with MONAI's
+``Invertd``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
@@ -42,39 +45,48 @@ from monai.transforms import (
     EnsureTyped,
     Invertd,
     MapTransform,
+    Orientationd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
+    Resize,
     Resized,
     ScaleIntensityRanged,
     SqueezeDimd,
     Transform,
 )
+from monai.transforms.inverse import InvertibleTransform
+from monai.utils import TraceKeys
+
+from pneumoseg.model_record import CTPreprocessing, RadiographPreprocessing
 
 __all__ = [
     "IMAGE",
     "LABEL",
     "LABEL_RLE",
     "PRED",
-    "LUNG_WINDOW",
+    "AreaResize",
+    "AreaResized",
     "PercentileScaleIntensity",
     "PercentileScaleIntensityd",
     "augmentation_transforms",
     "radiograph_train_transforms",
     "radiograph_validation_transforms",
+    "record_validation_transforms",
     "radiograph_inference_transforms",
     "ct_train_transforms",
     "ct_validation_transforms",
     "ct_inference_transforms",
     "invert_prediction_transforms",
-    "invert_radiograph_mask",
+    "orientation_with_last",
+    "slice_orientation",
 ]
 
 IMAGE, LABEL, LABEL_RLE, PRED = "image", "label", "label_rle", "pred"
-LUNG_WINDOW = (-1350.0, 150.0)  # HU range of the lung window W1500 / L-600
+_RADIOGRAPH, _CT = RadiographPreprocessing(), CTPreprocessing()  # the defaults' one home
 
 
 class PercentileScaleIntensity(Transform):
@@ -134,27 +146,49 @@ class PercentileScaleIntensityd(MapTransform):
         return d
 
 
-class _InvertResizeBilinear(MapTransform):
-    """Make the resizes recorded on ``keys`` invert with (bi/tri)linear interpolation.
+class AreaResize(Resize):
+    """MONAI ``Resize`` by pixel-area averaging (``mode="area"``) whose inverse resamples bilinearly.
 
-    The radiograph chains resize by area averaging, the right filter for shrinking; the inverse MONAI
-    records would be an area *enlargement*, i.e. pixel replication, and a thresholded mask would get
-    staircase edges. Works on a shallow copy: the sample's own image and records are not changed.
+    Area averaging is the box filter that shrinking radiographs needs (1024-3000 px to 512), at 1/30 of
+    the cost of bilinear with Gaussian anti-aliasing (2 vs 57 ms for 1024 px). Its exact inverse would be
+    an area *enlargement*, i.e. pixel replication, and a thresholded mask would get staircase edges; the
+    inverse here is a bilinear resize (``align_corners=False``) to the recorded size, no anti-aliasing.
+    Input / output: ``[C, *spatial]``.
     """
+
+    def __init__(self, spatial_size: Sequence[int] | int, **kwargs: Any) -> None:
+        super().__init__(spatial_size, mode="area", anti_aliasing=False, **kwargs)
+
+    def inverse_transform(self, data: torch.Tensor, transform: Mapping) -> torch.Tensor:
+        resize = Resize(spatial_size=transform[TraceKeys.ORIG_SIZE], mode="bilinear", align_corners=False)
+        with resize.trace_transform(False):
+            data = resize(data)
+        for _ in range(transform[TraceKeys.EXTRA_INFO]["new_dim"]):
+            data = data.squeeze(-1)  # the dimensions Resize added
+        return data
+
+
+class AreaResized(MapTransform, InvertibleTransform):
+    """Dictionary form of :class:`AreaResize` (images; masks are resized ``Resized(mode="nearest-exact")``)."""
+
+    backend = AreaResize.backend
+
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int] | int, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resizer = AreaResize(spatial_size)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            if not isinstance(img, MetaTensor):
-                continue
-            ops = []
-            for op in img.applied_operations:
-                extra = op.get("extra_info")
-                if op.get("class") in ("Resize", "Resized") and isinstance(extra, dict) and extra.get("mode") == "area":
-                    op = {**op, "extra_info": {**extra, "mode": "bilinear", "align_corners": False}}
-                ops.append(op)
-            d[key] = MetaTensor(img.as_tensor(), meta=img.meta, applied_operations=ops)
+            d[key] = self.resizer(d[key])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizer.inverse(d[key])
         return d
 
 
@@ -177,23 +211,23 @@ def _radiograph_labels() -> list[MapTransform]:
     ]
 
 
-def _resize(spatial_size: Sequence[int], image_mode: str = "bilinear") -> Resized:
-    return Resized(
-        keys=[IMAGE, LABEL],
-        spatial_size=spatial_size,
-        # masks: "nearest-exact" samples pixel centres (torch's "nearest" is shifted by half an input pixel)
-        # and keeps the mask binary. Images: see _radiograph_resize / the CT chains
-        mode=(image_mode, "nearest-exact"),
-        anti_aliasing=(image_mode != "area", False),
-        allow_missing_keys=True,
-    )
+def _label_resize(spatial_size: Sequence[int]) -> Resized:
+    # "nearest-exact" samples pixel centres (torch's "nearest" is shifted by half an input pixel) and keeps
+    # the mask binary
+    return Resized(keys=LABEL, spatial_size=spatial_size, mode="nearest-exact", allow_missing_keys=True)
 
 
-def _radiograph_resize(spatial_size: int) -> Resized:
-    """Radiographs are shrunk (1024-3000 px to 512): area averaging is the box filter that shrinking needs,
-    ~1/30 of the cost of bilinear + Gaussian anti-aliasing (2 vs 57 ms for 1024 px; 15 vs 286 ms for a
-    2500 x 2048 CR), which batch inference pays per scan. The label, if any, is resized with it."""
-    return _resize((spatial_size, spatial_size), image_mode="area")
+def _radiograph_resize(spatial_size: int) -> list[MapTransform]:
+    """Radiographs are shrunk (1024-3000 px to 512) by area averaging (:class:`AreaResized`); the label, if
+    any, nearest."""
+    size = (spatial_size, spatial_size)
+    return [AreaResized(keys=IMAGE, spatial_size=size), _label_resize(size)]
+
+
+def _ct_resize(spatial_size: Sequence[int]) -> list[MapTransform]:
+    """CT slices in-plane: bilinear with anti-aliasing (also enlarges small slices smoothly); label nearest."""
+    image = Resized(keys=IMAGE, spatial_size=spatial_size, mode="bilinear", anti_aliasing=True)
+    return [image, _label_resize(spatial_size)]
 
 
 def _clip01() -> ScaleIntensityRanged:
@@ -211,7 +245,7 @@ def augmentation_transforms(
     rotate_deg: float = 10.0,
     scale: float = 0.1,
     translate: float = 0.05,
-    spatial_size: int = 512,
+    spatial_size: int = _RADIOGRAPH.image_size,
     flip_prob: float = 0.5,
     brightness: float = 0.1,
     contrast: float = 0.2,
@@ -257,15 +291,15 @@ def _radiograph_preprocessing(spatial_size: int, lower: float, upper: float) -> 
     return [
         _load([IMAGE, LABEL]),
         *_radiograph_labels(),
-        _radiograph_resize(spatial_size),
+        *_radiograph_resize(spatial_size),
         PercentileScaleIntensityd(keys=IMAGE, lower=lower, upper=upper),
     ]
 
 
 def radiograph_train_transforms(
-    spatial_size: int = 512,
-    lower: float = 0.5,
-    upper: float = 99.5,
+    spatial_size: int = _RADIOGRAPH.image_size,
+    lower: float = _RADIOGRAPH.lower_percentile,
+    upper: float = _RADIOGRAPH.upper_percentile,
     prob: float = 0.5,
     rotate_deg: float = 10.0,
     scale: float = 0.1,
@@ -290,17 +324,27 @@ def radiograph_train_transforms(
     )
 
 
-def radiograph_validation_transforms(spatial_size: int = 512, lower: float = 0.5, upper: float = 99.5) -> Compose:
+def radiograph_validation_transforms(
+    spatial_size: int = _RADIOGRAPH.image_size,
+    lower: float = _RADIOGRAPH.lower_percentile,
+    upper: float = _RADIOGRAPH.upper_percentile,
+) -> Compose:
     """Radiograph validation chain: as training, without augmentation."""
     return Compose([*_radiograph_preprocessing(spatial_size, lower, upper), _ensure_type()])
 
 
-def radiograph_inference_transforms(spatial_size: int = 512, lower: float = 0.5, upper: float = 99.5) -> Compose:
-    """Radiograph inference chain (image only; invertible: see :func:`invert_prediction_transforms`)."""
+def radiograph_inference_transforms(
+    spatial_size: int = _RADIOGRAPH.image_size,
+    lower: float = _RADIOGRAPH.lower_percentile,
+    upper: float = _RADIOGRAPH.upper_percentile,
+    load: bool = True,
+) -> Compose:
+    """Radiograph inference chain (image only; invertible: see :func:`invert_prediction_transforms`).
+    ``load=False``: without the reader (the caller passes ``{"image": MetaTensor [1, H, W]}``)."""
     return Compose(
         [
-            _load([IMAGE]),
-            _radiograph_resize(spatial_size),
+            *([_load([IMAGE])] if load else []),
+            AreaResized(keys=IMAGE, spatial_size=(spatial_size, spatial_size)),
             PercentileScaleIntensityd(keys=IMAGE, lower=lower, upper=upper),
             EnsureTyped(keys=IMAGE, dtype="float32"),
         ]
@@ -310,20 +354,52 @@ def radiograph_inference_transforms(spatial_size: int = 512, lower: float = 0.5,
 # =================================================================================================== CT
 
 
-def _ct_preprocessing(window: Sequence[float]) -> list[MapTransform]:
+def _ct_preprocessing(window: Sequence[float], orientation: str) -> list[MapTransform]:
     return [
         _load([IMAGE, LABEL]),
         AsDiscreted(keys=LABEL, threshold=0.5, allow_missing_keys=True),
+        *_ct_orientation_and_window(window, orientation, [IMAGE, LABEL]),
+    ]
+
+
+def _ct_orientation_and_window(window: Sequence[float], orientation: str, keys: list[str]) -> list[MapTransform]:
+    return [
+        # the affine decides which array axis is which (NIfTI with a flipped / permuted affine, coronal or
+        # sagittal series); MONAI's Orientationd flips / permutes to one orientation and records it for Invertd
+        Orientationd(keys=keys, axcodes=orientation, labels=None, allow_missing_keys=True),
         ScaleIntensityRanged(keys=IMAGE, a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
     ]
 
 
+_SAME_AXIS = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+
+
+def orientation_with_last(orientation: str, code: str) -> str:
+    """``orientation`` (axis codes) with the anatomical axis of ``code`` moved last, the others keeping their
+    order: ``("RAS", "P") -> "RSA"``."""
+    same_axis = next(c for c in orientation if c in _SAME_AXIS[code])
+    return orientation.replace(same_axis, "") + same_axis
+
+
+def slice_orientation(affine: Any, spatial_shape: Sequence[int], orientation: str = _CT.orientation) -> str:
+    """The axis codes to bring a volume to: ``orientation``, except for a volume one voxel thick along one
+    axis (a single slice, e.g. a coronal reformat saved alone), whose thin axis is put last, so that its one
+    slice is what the model sees (RAS, a coronal slice: RSA)."""
+    from nibabel.orientations import aff2axcodes
+
+    thin = [d for d, n in enumerate(spatial_shape) if int(n) == 1]
+    if len(thin) != 1:
+        return orientation
+    return orientation_with_last(orientation, aff2axcodes(np.asarray(affine, dtype=np.float64))[thin[0]])
+
+
 def ct_train_transforms(
-    spatial_size: int = 256,
+    spatial_size: int = _CT.image_size,
     pos: float = 1.0,
     neg: float = 1.0,
     num_samples: int = 4,
-    window: Sequence[float] = LUNG_WINDOW,
+    window: Sequence[float] = _CT.window,
+    orientation: str = _CT.orientation,
     prob: float = 0.5,
     rotate_deg: float = 10.0,
     scale: float = 0.1,
@@ -336,38 +412,58 @@ def ct_train_transforms(
         pos, neg: relative frequency of slices centred on pneumothorax voxels vs. on other voxels
             (``RandCropByPosNegLabeld``); a volume without pneumothorax yields negative slices only.
         window: HU mapped to 0 and 1 (default: lung window W1500/L-600), clipped.
+        orientation: MONAI axis codes the volume is brought to first (the last axis is the slice axis).
         The rest: :func:`augmentation_transforms` (left-right is axis 0 of a ``[C, I, J]`` slice).
     """
     keys = [IMAGE, LABEL]
     return Compose(
         [
-            *_ct_preprocessing(window),
+            *_ct_preprocessing(window, orientation),
             RandCropByPosNegLabeld(
                 keys=keys, label_key=LABEL, spatial_size=(-1, -1, 1), pos=pos, neg=neg, num_samples=num_samples
             ),
             SqueezeDimd(keys=keys, dim=3),  # [1, I, J, 1] -> [1, I, J]
-            _resize((spatial_size, spatial_size)),
+            *_ct_resize((spatial_size, spatial_size)),
             *augmentation_transforms(0, prob, rotate_deg, scale, translate, spatial_size, flip_prob),
             _ensure_type(),
         ]
     )
 
 
-def ct_validation_transforms(spatial_size: int = 256, window: Sequence[float] = LUNG_WINDOW) -> Compose:
-    """CT validation chain: whole volume, in-plane resized: ``image``/``label`` ``[1, S, S, K]``."""
-    return Compose([*_ct_preprocessing(window), _resize((spatial_size, spatial_size, -1)), _ensure_type()])
+def ct_validation_transforms(
+    spatial_size: int = _CT.image_size, window: Sequence[float] = _CT.window, orientation: str = _CT.orientation
+) -> Compose:
+    """CT validation chain: whole volume, oriented, in-plane resized: ``image``/``label`` ``[1, S, S, K]``."""
+    return Compose(
+        [*_ct_preprocessing(window, orientation), *_ct_resize((spatial_size, spatial_size, -1)), _ensure_type()]
+    )
 
 
-def ct_inference_transforms(spatial_size: int = 256, window: Sequence[float] = LUNG_WINDOW) -> Compose:
-    """CT inference chain (image only, ``[1, S, S, K]``; invertible, see :func:`invert_prediction_transforms`)."""
+def ct_inference_transforms(
+    spatial_size: int = _CT.image_size,
+    window: Sequence[float] = _CT.window,
+    orientation: str = _CT.orientation,
+    load: bool = True,
+) -> Compose:
+    """CT inference chain (image only, ``[1, S, S, K]``; invertible, see :func:`invert_prediction_transforms`).
+    ``load=False``: without the reader (the caller passes ``{"image": MetaTensor [1, I, J, K]}``)."""
     return Compose(
         [
-            _load([IMAGE]),
-            ScaleIntensityRanged(keys=IMAGE, a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
+            *([_load([IMAGE])] if load else []),
+            *_ct_orientation_and_window(window, orientation, [IMAGE]),
             Resized(keys=IMAGE, spatial_size=(spatial_size, spatial_size, -1), mode="bilinear", anti_aliasing=True),
             EnsureTyped(keys=IMAGE, dtype="float32"),
         ]
     )
+
+
+def record_validation_transforms(record: Any, image_kind: str) -> Compose:
+    """The validation chain of ``image_kind`` exactly as ``record`` (a trained model's
+    :class:`~pneumoseg.model_record.ModelRecord`) says the model was fed: what evaluation runs."""
+    pp = record.preprocessing[image_kind]
+    if isinstance(pp, CTPreprocessing):
+        return ct_validation_transforms(pp.image_size, pp.window, pp.orientation)
+    return radiograph_validation_transforms(pp.image_size, pp.lower_percentile, pp.upper_percentile)
 
 
 def invert_prediction_transforms(
@@ -386,37 +482,7 @@ def invert_prediction_transforms(
 
     chain: list = [Activationsd(keys=pred_key, sigmoid=True)] if sigmoid else []
     # probabilities are resampled (bi)linearly and thresholded afterwards: smoother edges than nearest
-    chain.append(_InvertResizeBilinear(keys=IMAGE))
     chain.append(Invertd(keys=pred_key, transform=preprocessing, orig_keys=IMAGE, nearest_interp=False))
     if threshold is not None:
         chain.append(AsDiscreted(keys=pred_key, threshold=threshold))
     return Compose(chain)
-
-
-def invert_radiograph_mask(mask: torch.Tensor, image: MetaTensor, threshold: float = 0.5) -> np.ndarray | None:
-    """:func:`invert_prediction_transforms` (no sigmoid, thresholded) for the radiograph chains' usual
-    case, as one interpolation: ``mask`` ``[1, s, s]`` -> bool ``[H, W]`` in the source geometry.
-
-    Applies when the only operation ``image`` records is the area resize of :func:`_radiograph_resize` and
-    it shrank (or kept) every side: the inverse is then a bilinear enlargement (MONAI applies no
-    anti-aliasing when enlarging) and ``>= threshold`` (AsDiscrete's rule). Returns ``None`` otherwise
-    (call the MONAI chain). Equal to it to the pixel (tested); it skips the MetaTensor bookkeeping of
-    Invertd, ~4 ms of batch inference's per-scan post-processing.
-    """
-    ops = list(getattr(image, "applied_operations", []))
-    if len(ops) != 1 or mask.dim() != 3:
-        return None
-    op = ops[0]
-    extra = op.get("extra_info") if isinstance(op.get("extra_info"), dict) else {}
-    orig = tuple(int(v) for v in op.get("orig_size", ()))
-    size = tuple(int(v) for v in mask.shape[1:])
-    if (
-        op.get("class") not in ("Resize", "Resized")
-        or extra.get("mode") != "area"
-        or extra.get("new_dim", 0)
-        or len(orig) != 2
-        or any(o < s for o, s in zip(orig, size))
-    ):
-        return None
-    enlarged = F.interpolate(mask[None].float(), size=orig, mode="bilinear", align_corners=False)
-    return enlarged[0, 0].numpy() >= threshold

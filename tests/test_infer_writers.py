@@ -1,4 +1,4 @@
-"""Tests for pneumoseg.writers: atomic writes, masks, overlay, DICOM SEG (read back with highdicom)."""
+"""Tests for pneumoseg.infer.writers: atomic writes, masks, overlay, DICOM SEG (read back with highdicom)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from pneumoseg.data import phantoms
-from pneumoseg.writers import (
+from pneumoseg.infer.writers import (
     TMP_PREFIX,
     atomic_write,
     file_digest,
@@ -111,7 +111,8 @@ def test_seg_of_a_radiograph_reads_back(tmp_path, spacing):
         if keyword in ds:
             delattr(ds, keyword)
     mask = _mask((ds.Rows, ds.Columns), seed=3)
-    path = write_dicom_seg(tmp_path / "seg.dcm", [ds], mask[None], "Pneumothorax scSE U-Net", "0.1.0", uid_seed="x")
+    path = tmp_path / "seg.dcm"
+    assert write_dicom_seg(path, [ds], mask[None], "Pneumothorax scSE U-Net", "0.1.0", uid_seed="x") == []
     seg = hd.seg.segread(path)
     pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1])
     assert np.array_equal(pixels[0, ..., 0].astype(bool), mask)
@@ -119,17 +120,19 @@ def test_seg_of_a_radiograph_reads_back(tmp_path, spacing):
     expected = {"PixelSpacing": ds.get("PixelSpacing"), "ImagerPixelSpacing": ds.get("ImagerPixelSpacing")}.get(spacing)
     assert measured == ([float(v) for v in expected] if expected else [1.0, 1.0])
     assert "PatientBirthDate" not in ds and "AccessionNumber" not in ds  # added to a copy only
-    again = write_dicom_seg(tmp_path / "seg2.dcm", [ds], mask[None], "n", "1", uid_seed="x")
-    assert pydicom.dcmread(again).SOPInstanceUID == seg.SOPInstanceUID  # stable UIDs per scan
+    write_dicom_seg(tmp_path / "seg2.dcm", [ds], mask[None], "n", "1", uid_seed="x")
+    assert pydicom.dcmread(tmp_path / "seg2.dcm").SOPInstanceUID == seg.SOPInstanceUID  # stable UIDs per scan
 
 
 def test_empty_mask_seg_and_sanitize_does_not_touch_source(tmp_path):
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
     original = copy.deepcopy(ds)
-    clean, spacing, guessed = sanitize_source_header(ds)
-    assert ds == original and not guessed and spacing == [float(v) for v in ds.PixelSpacing]
+    clean = sanitize_source_header(ds)
+    assert ds == original and not clean.guessed and clean.spacing == [float(v) for v in ds.PixelSpacing]
+    assert clean.left_out == []
     empty = np.zeros((1, ds.Rows, ds.Columns), bool)
-    seg = hd.seg.segread(write_dicom_seg(tmp_path / "e.dcm", [ds], empty, "n", "1"))
+    write_dicom_seg(tmp_path / "e.dcm", [ds], empty, "n", "1")
+    seg = hd.seg.segread(tmp_path / "e.dcm")
     assert ds == original  # nor does writing the SEG (highdicom gets a top-level copy)
     assert not seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1]).any()
     with pytest.raises(ValueError, match="source image"):
@@ -140,7 +143,7 @@ def test_empty_mask_seg_and_sanitize_does_not_touch_source(tmp_path):
 def test_contour_is_mask_minus_its_erosion():
     from scipy import ndimage
 
-    from pneumoseg.writers import _contour
+    from pneumoseg.infer.writers import _contour
 
     for seed in range(4):
         mask = _mask((37, 53), seed=seed) | (np.random.default_rng(seed).random((37, 53)) > 0.6)
@@ -148,20 +151,53 @@ def test_contour_is_mask_minus_its_erosion():
         np.testing.assert_array_equal(_contour(mask), mask & ~ndimage.binary_erosion(mask, border_value=0))
 
 
-def test_memoised_highdicom_lookup_answers_as_highdicom(tmp_path):
+INVALID_VALUES = {
+    "PatientBirthDate": "00000000",  # matches DA's pattern, but is no date
+    "StudyDate": "UNKNOWN",
+    "StudyTime": "25:61",
+    "PatientSex": "FEMALE",
+    "PatientAge": "45 YEARS",  # AS is nnnD/W/M/Y: 045Y
+    "ContentDate": "2023-01-01",
+}
+
+
+def test_seg_of_a_header_with_invalid_values_leaves_them_out_and_never_quotes_them(tmp_path, capfd, caplog):
+    """PACS exports hold values the standard does not allow; highdicom refuses to copy them. The SEG's copy
+    leaves them out (the source is untouched), names the attributes, and no value reaches a log or stderr."""
+    ds = _radiograph(tmp_path, "PixelSpacing")
+    with pydicom.config.disable_value_validation():
+        for keyword, value in INVALID_VALUES.items():
+            setattr(ds, keyword, value)
+        ds.PatientName = "Doe John"  # no "^": highdicom would log it as "potentially invalid", quoting it
+        ds.save_as(tmp_path / "invalid.dcm")
+    from pneumoseg.data.dicom import read_dicom
+
+    source = read_dicom(tmp_path / "invalid.dcm", stop_before_pixels=True)
+    original = copy.deepcopy(source)
+    mask = _mask((source.Rows, source.Columns), seed=5)
+    with caplog.at_level("DEBUG"):
+        left_out = write_dicom_seg(tmp_path / "seg.dcm", [source], mask[None], "n", "1")
+    assert left_out == sorted(INVALID_VALUES)
+    assert source == original
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert np.array_equal(
+        seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])[0, ..., 0], mask
+    )
+    for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):  # Type 2: present, empty
+        assert seg.get(keyword) in ("", None), keyword
+    assert str(seg.PatientName) == "Doe John^" and seg.PatientID == source.PatientID  # valid values copied
+    out, err = capfd.readouterr()
+    quoted = out + err + caplog.text
+    assert not any(value in quoted for value in (*INVALID_VALUES.values(), "Doe John")), quoted
+
+
+def test_no_private_function_of_highdicom_is_replaced(tmp_path):
     from highdicom import _standard_utils, base
 
+    before = (_standard_utils.is_attribute_in_iod, base.is_attribute_in_iod)
     write_dicom_seg(tmp_path / "s.dcm", [_radiograph(tmp_path, "PixelSpacing")], np.ones((1, 48, 48), bool), "n", "1")
-    memo = _standard_utils.is_attribute_in_iod
-    assert base.is_attribute_in_iod is memo and memo.__wrapped__ is not memo  # installed in both places
-    ct, cr, seg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.66.4"
-    for attribute in ("PixelData", "ContentDate", "ContentTime", "NumberOfFrames", "PatientName", "NoSuchThing"):
-        for sop in (ct, cr, seg):
-            for exclude in (None, ["IconImageSequence"]):
-                want = memo.__wrapped__(attribute, sop, exclude_path_elements=exclude)
-                assert memo(attribute, sop, exclude_path_elements=exclude) == want, (attribute, sop, exclude)
-                assert memo(attribute, sop, exclude) == want  # cached, positional
-    assert memo("PixelData", cr) and not memo("NoSuchThing", cr)
+    assert (_standard_utils.is_attribute_in_iod, base.is_attribute_in_iod) == before
+    assert not hasattr(base.is_attribute_in_iod, "__wrapped__")
 
 
 @pytest.mark.parametrize("with_isal", [True, False])
@@ -169,7 +205,7 @@ def test_encode_png_round_trips_with_pillow(monkeypatch, with_isal):
     import io
     import sys
 
-    from pneumoseg.writers import encode_png
+    from pneumoseg.infer.writers import encode_png
 
     if not with_isal:  # the zlib fallback
         monkeypatch.setitem(sys.modules, "isal", None)

@@ -1,9 +1,10 @@
-"""End-to-end tests of ``pneumoseg infer`` (pneumoseg.inference) on a mixed folder built in tmp_path.
+"""End-to-end tests of ``pneumoseg infer`` (pneumoseg.infer.runner) on a mixed folder built in tmp_path.
 
-The bundle is the real one's configs with a small ``network_def`` (narrow decoder) at 64 px and a randomly
-initialised ``models/model.pt``: what matters here is the plumbing (discovery, batching, geometry, files,
-report, resume, shards), not the predictions. The segmentation head's bias is pushed so that masks are
-neither empty nor full and no pixel sits near the threshold (so results do not hinge on float noise).
+The bundle is a model record (a tiny SCSEUNet trained, as it were, on radiographs and CT at 64 px) with
+random weights (``conftest.tiny_bundle``): what matters here is the plumbing (discovery, routing, batching,
+files, report, resume, shards), not the predictions; geometry has its oracles (test_infer_geometry.py).
+The folder holds what PACS exports hold: compressed and MONOCHROME1 files, a CT series with a localizer in
+its SeriesInstanceUID, a header with invalid DA / TM / CS values, junk.
 """
 
 from __future__ import annotations
@@ -23,43 +24,26 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
+from conftest import REPO, tiny_bundle
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoseg.data import phantoms
-from pneumoseg.inference import BatchInferenceRunner
-from pneumoseg.networks import SCSEUNet
-from pneumoseg.report import REPORT_COLUMNS
+from pneumoseg.infer import BatchInferenceRunner
+from pneumoseg.infer.report import REPORT_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
 REAL_BUNDLE = REPO / "bundles" / "pneumothorax_scse_unet"
 SIZE = 64
-NETWORK_ARGS = {"decoder_channels": [16, 16, 8, 8, 8], "head_channels": 8, "cls_dropout": 0.0}
 
 
 # ============================================================================================== fixtures
 
 
-def make_tiny_bundle(root: Path, seed: int = 0) -> Path:
-    """Copy the real bundle's configs, shrink ``network_def`` and ``image_size``, save a random model."""
-    (root / "configs").mkdir(parents=True)
-    (root / "models").mkdir()
-    for name in ("inference.json", "metadata.json", "postprocessing.json"):
-        shutil.copy(REAL_BUNDLE / "configs" / name, root / "configs" / name)
-    config = json.loads((root / "configs" / "inference.json").read_text())
-    config["network_def"].update(NETWORK_ARGS)
-    config["image_size"] = SIZE
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
-    torch.manual_seed(seed)
-    net = SCSEUNet(**{k: v for k, v in config["network_def"].items() if k != "_target_"})
-    with torch.no_grad():  # confident outputs: far from the 0.5 threshold, a mix of 0 and 1
-        final = [m for m in net.seg_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        final.weight.mul_(50.0)
-    torch.save(net.state_dict(), root / "models" / "model.pt")
-    return root
+def make_tiny_bundle(root: Path, seed: int = 0, **record_fields) -> Path:
+    """A radiograph + CT model record at 64 px with random weights."""
+    return tiny_bundle(root, kinds=("radiograph", "ct"), image_size=SIZE, seed=seed, **record_fields)
 
 
 def _radiograph(folder: Path, rel: str, case: phantoms.RadiographCase, seed: int = 3) -> Path:
@@ -91,10 +75,25 @@ def make_mixed_folder(root: Path) -> dict[str, str]:
     _multiframe(root / "cr" / "frames.dcm", [phantoms.draw_radiograph_case(c, 5, 96)[0] for c in cases[:2]])
     expected.update({"cr/frames.dcm@frame0000": "ok", "cr/frames.dcm@frame0001": "ok"})
 
+    # a header as PACS exports write them: dates, times and codes the standard does not allow
+    invalid_case = dataclasses.replace(cases[4], sop_uid=generate_uid(), series_uid=generate_uid())
+    invalid = _radiograph(root, "cr/invalid_header.dcm", invalid_case)
+    ds = pydicom.dcmread(invalid)
+    with pydicom.config.disable_value_validation():
+        ds.PatientBirthDate, ds.StudyTime, ds.PatientSex = "00000000", "25:61", "FEMALE"
+        ds.save_as(invalid)
+    expected["cr/invalid_header.dcm"] = "ok"
+
     ct = phantoms.plan_ct(2, seed=3)
     hu, mask, spacing = phantoms.draw_ct_case(ct[0], 3, SIZE, 6)
-    phantoms.write_ct_dicom_series(root / "ct" / "case0", hu, spacing, ct[0], seed=3)
+    slices = phantoms.write_ct_dicom_series(root / "ct" / "case0", hu, spacing, ct[0], seed=3)
     expected[f"ct/case0/series-{ct[0].series_uid}"] = "ok"
+    scout = pydicom.dcmread(slices[2])  # a localizer in the series' UID, named to sort first
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    scout.save_as(root / "ct" / "case0" / "aaa_scout.dcm", enforce_file_format=True)
+    expected["ct/case0/aaa_scout.dcm"] = "skipped"
     hu1, mask1, spacing1 = phantoms.draw_ct_case(ct[1], 3, SIZE, 5)
     label = root / "nifti" / "label.nii.gz"  # written by the helper, not part of the folder
     phantoms.write_ct_nifti(root / "nifti" / "vol.nii.gz", label, hu1, mask1, spacing1)
@@ -262,12 +261,18 @@ def test_mixed_folder_rows_and_outputs(reference, mixed):
     # reasons name the problem
     assert "corrupt or truncated" in by_id["junk/corrupt.dcm"]["reason"]
     assert "truncated.dcm" in by_id["junk/truncated.dcm"]["reason"]
-    assert "NaN" in by_id["junk/nan.nii.gz"]["reason"]
+    assert "NaN or infinite" in by_id["junk/nan.nii.gz"]["reason"]
     assert "3D volume" in by_id["junk/flat.nii.gz"]["reason"]
     assert "1.2.840.10008.1.2.4.100" in by_id["junk/mpeg2.dcm"]["reason"]
     assert "SR" in by_id["junk/report_sr.dcm"]["reason"]
     assert "not a DICOM" in by_id["junk/notes.txt"]["reason"]
     assert "HAND" in by_id["cr/hand.dcm"]["warnings"]
+    assert "localizer" in by_id["ct/case0/aaa_scout.dcm"]["reason"]
+    # invalid header values cost nothing but their place in the SEG, and are never quoted
+    invalid = by_id["cr/invalid_header.dcm"]
+    assert invalid["seg"] and "left out: PatientBirthDate, PatientSex, StudyTime" in invalid["warnings"]
+    report = (out / "report.csv").read_text() + (out / "report.json").read_text()
+    assert not any(value in report for value in ("00000000", "25:61", "FEMALE"))
     assert "no pixel spacing" in by_id["cr/j2k.dcm"]["warnings"] and by_id["cr/j2k.dcm"]["area_mm2"] == ""
 
     # outputs: exactly the files of each ok scan, nothing for the others; same names never collide
@@ -279,10 +284,12 @@ def test_mixed_folder_rows_and_outputs(reference, mixed):
             assert files == [] and row["mask"] == row["seg"] == row["overlay"] == ""
             continue
         kind = row["kind"]
-        want = {"radiograph": ["mask.png", "overlay.png", "record.json", "seg.dcm"],
-                "image": ["mask.png", "overlay.png", "record.json"],
-                "series": ["mask.nii.gz", "overlay.png", "record.json", "seg.dcm"],
-                "nifti": ["mask.nii.gz", "overlay.png", "record.json"]}[kind]
+        want = {
+            "radiograph": ["mask.png", "overlay.png", "record.json", "seg.dcm"],
+            "image": ["mask.png", "overlay.png", "record.json"],
+            "series": ["mask.nii.gz", "overlay.png", "record.json", "seg.dcm"],
+            "nifti": ["mask.nii.gz", "overlay.png", "record.json"],
+        }[kind]
         assert files == want, sid
         assert row["positive"] in ("yes", "no") and 0.0 <= float(row["probability"]) <= 1.0
         assert row["mask"] and (out / row["mask"]).is_file()
@@ -316,7 +323,7 @@ def test_masks_in_source_geometry(reference, mixed):
     # DICOM CT series: the mask NIfTI has the reader's geometry (= the NIfTI export's convention)
     from pneumoseg.data.series import LoadDicomSeries
 
-    sid = next(s for s in rows if s.startswith("ct/"))
+    sid = next(s for s, r in rows.items() if r["kind"] == "series")
     volume = LoadDicomSeries()(str(inputs / "ct" / "case0"))
     mask = nib.load(str(out / rows[sid]["mask"]))
     assert mask.shape == tuple(volume.shape[1:])
@@ -344,6 +351,7 @@ def test_seg_reads_back_equal_to_mask(reference, mixed):
             # order the SEG frames by the position of their source slices
             files = sorted((inputs / row["input"]).glob("*.dcm"))
             headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+            headers = [h for h in headers if "LOCALIZER" not in h.ImageType]  # no source of the SEG
             headers.sort(key=lambda h: float(h.ImagePositionPatient[2]))
             pixels = seg.get_pixels_by_source_instance([h.SOPInstanceUID for h in headers], segment_numbers=[1])
             assert np.array_equal(pixels[..., 0].astype(bool), mask.transpose(2, 1, 0))
@@ -418,8 +426,24 @@ def test_kill_and_resume_equals_uninterrupted(bundle, mixed, reference, tmp_path
     inputs, _ = mixed
     before = _tree_digest(inputs)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "pneumoseg", "infer", str(inputs), str(out), "--bundle", str(bundle),
-               "--device", "cpu", "--fp32", "--workers", "0", "--batch-size", "3", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "pneumoseg",
+        "infer",
+        str(inputs),
+        str(out),
+        "--bundle",
+        str(bundle),
+        "--device",
+        "cpu",
+        "--fp32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -502,12 +526,19 @@ def test_empty_folder_and_cli(bundle, tmp_path, capsys):
     # the same runner from a bundle config (what configs/inference.json does with _target_)
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser({
-        "runner": {"_target_": "pneumoseg.inference.BatchInferenceRunner", "bundle_root": str(bundle),
-                   "input_dir": str(empty), "output_dir": str(tmp_path / "from_config"), "device": "cpu",
-                   "progress": False},
-        "run": "$@runner.run()",
-    })
+    parser = ConfigParser(
+        {
+            "runner": {
+                "_target_": "pneumoseg.infer.BatchInferenceRunner",
+                "bundles": str(bundle),
+                "input_dir": str(empty),
+                "output_dir": str(tmp_path / "from_config"),
+                "device": "cpu",
+                "progress": False,
+            },
+            "run": "$@runner.run()",
+        }
+    )
     assert parser.get_parsed_content("run") == 0
     assert (tmp_path / "from_config" / "report.json").is_file()
     assert main(["infer", str(empty), str(out), "--bundle", str(tmp_path / "no_bundle")]) == 2
@@ -522,8 +553,22 @@ def test_help_explains_every_option(capsys):
     infer = sub.choices["infer"]
     for action in infer._actions:
         assert action.help, action.option_strings or action.dest
-    for option in ("--bundle", "--device", "--batch-size", "--workers", "--formats", "--overwrite", "--strict",
-                   "--fp32", "--num-shards", "--shard-id", "--merge-reports", "--chest-only"):
+    for option in (
+        "--bundle",
+        "--model",
+        "--trust",
+        "--device",
+        "--batch-size",
+        "--workers",
+        "--formats",
+        "--overwrite",
+        "--strict",
+        "--fp32",
+        "--num-shards",
+        "--shard-id",
+        "--merge-reports",
+        "--chest-only",
+    ):
         assert option in infer.format_help()
 
 
@@ -571,10 +616,9 @@ def test_infer_waits_passively_unless_the_user_chose(monkeypatch, tmp_path):
 def test_negative_scans_get_empty_outputs_in_source_geometry(bundle, tmp_path):
     """A classification threshold no image reaches: every mask is empty (no inversion is run for it), yet
     every output is written, in the source geometry, and the SEG reads back as "nothing found"."""
-    negative = tmp_path / "bundle"
-    shutil.copytree(bundle, negative)
-    params = json.loads((negative / "configs" / "postprocessing.json").read_text())
-    (negative / "configs" / "postprocessing.json").write_text(json.dumps({**params, "t_cls": 1.01}))
+    from pneumoseg.model_record import PostprocessingThresholds
+
+    negative = make_tiny_bundle(tmp_path / "bundle", postprocessing=PostprocessingThresholds(t_cls=1.0))
     inputs = tmp_path / "in"
     case = phantoms.plan_radiographs(1, seed=5, size=96)[0]
     _radiograph(inputs, "cr/a.dcm", case)
@@ -597,3 +641,31 @@ def test_negative_scans_get_empty_outputs_in_source_geometry(bundle, tmp_path):
     seg = hd.seg.segread(out / rows["radiograph"]["seg"])
     pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])
     assert pixels.shape[1:3] == (source.Rows, source.Columns) and not pixels.any()
+
+
+def test_a_seg_that_cannot_be_built_costs_that_file_alone(bundle, tmp_path):
+    """A CT series without FrameOfReferenceUID (highdicom refuses to build its SEG): the row stays ok with a
+    warning naming the output, the NIfTI mask and the overlay are written, the record lists what is there."""
+    case = phantoms.plan_ct(1, seed=9)[0]
+    hu, _, spacing = phantoms.draw_ct_case(case, 9, SIZE, 4)
+    for path in phantoms.write_ct_dicom_series(tmp_path / "in" / "ct", hu, spacing, case, seed=9):
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    out = tmp_path / "out"
+    assert _runner(bundle, tmp_path / "in", out).run() == 0
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["seg"] == ""
+    assert "seg.dcm not written (ValueError while building the DICOM SEG)" in row["warnings"]
+    folder = out / row["mask"].rsplit("/", 1)[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["mask.nii.gz", "overlay.png", "record.json"]
+    assert sorted(json.loads((folder / "record.json").read_text())["outputs"]) == ["mask.nii.gz", "overlay.png"]
+    assert _runner(bundle, tmp_path / "in", out).run() == 0  # not retried: the same failure, the same row
+    assert json.loads((out / "report.json").read_text())["summary"]["reused"] == 1
+
+
+def test_reasons_are_stable_across_runs():
+    from pneumoseg.infer.dataset import stable_reason
+
+    message = "TypeError: <object object at 0x7f3a2c1d9e40> in /data/in/cr/a.dcm\nsecond line"
+    assert stable_reason(message, "/data/in/") == "TypeError: <object object> in cr/a.dcm second line"

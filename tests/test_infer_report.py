@@ -1,4 +1,4 @@
-"""Tests for pneumoseg.report: rows, CSV/JSON, summary, shard merge."""
+"""Tests for pneumoseg.infer.report: rows, CSV/JSON, summary, shard merge."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pneumoseg.report import (
+from pneumoseg.infer.report import (
     REPORT_COLUMNS,
     ReportMergeError,
     merge_reports,

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.writers import atomic_write
+from pneumoseg.infer.writers import atomic_write
 
 __all__ = [
     "REPORT_COLUMNS",
@@ -106,6 +106,8 @@ def summary_line(summary: Mapping[str, Any]) -> str:
             f"; {summary['processed']} processed in {summary['seconds']:.1f} s = "
             f"{summary['scans_per_second']:.2f} scans/s"
         )
+    if summary.get("interrupted"):
+        text += f"; interrupted by {summary['interrupted']}: the report lists what finished"
     return text
 
 

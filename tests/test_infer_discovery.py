@@ -1,4 +1,4 @@
-"""Tests for pneumoseg.discovery: folder -> scans (grouping, skipping with reasons, names, shards)."""
+"""Tests for pneumoseg.infer.discovery: folder -> scans (grouping, skipping with reasons, names, shards)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoseg.data import phantoms
-from pneumoseg.discovery import discover_scans, shard_scans
+from pneumoseg.infer.discovery import discover_scans, shard_scans
 
 
 def _dicom(

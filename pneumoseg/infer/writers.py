@@ -2,8 +2,14 @@
 
 Every writer goes through :func:`atomic_write`: the bytes go to a hidden temporary name in the target
 folder, then ``os.replace`` puts them in place, so a killed run never leaves a half-written file under
-an output name (at worst a ``.tmp-*`` file, which the next run deletes). :func:`file_digest` gives the
-size + sha256 stored in the per-scan completion record, so a re-run can verify outputs, not trust them.
+an output name (at worst a ``.tmp-*`` file, which the next run deletes: :func:`remove_stale_temporaries`).
+:func:`file_digest` gives the size + sha256 stored in the per-scan completion record, so a re-run can
+verify outputs, not trust them.
+
+The SEG copies the patient / study part of the source header (highdicom does), so a value that PACS
+exports contain but the standard does not allow (DA ``00000000``, TM ``25:61``, CS ``FEMALE``) would make
+highdicom refuse it: :func:`sanitize_source_header` leaves such values out of the SEG's copy (the source
+is never changed) and names the attributes, never their values.
 
 Geometry: radiograph masks are ``[H, W]`` (DICOM Rows, Columns); volume masks ``[I, J, K]`` with the RAS
 affine of the source (the project conventions, docs/data.md).
@@ -11,16 +17,18 @@ affine of the source (the project conventions, docs/data.md).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import struct
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pneumoseg.data.dicom import pixel_spacing, quiet_value_validation
 
 __all__ = [
     "TMP_PREFIX",
@@ -32,6 +40,7 @@ __all__ = [
     "write_overlay_png",
     "write_dicom_seg",
     "sanitize_source_header",
+    "SourceHeader",
     "PNEUMOTHORAX_CODE",
     "ABNORMAL_STRUCTURE_CODE",
 ]
@@ -40,7 +49,6 @@ TMP_PREFIX = ".tmp-"
 # SNOMED CT codes of the segment (DICOM SEG segmented property type / category)
 PNEUMOTHORAX_CODE = ("36118008", "SCT", "Pneumothorax")
 ABNORMAL_STRUCTURE_CODE = ("49755003", "SCT", "Morphologically abnormal structure")
-# Type 2 attributes highdicom copies from the source image; exports often drop them (empty is valid)
 _TYPE2_PATIENT_STUDY = (
     "PatientName",
     "PatientID",
@@ -69,12 +77,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     return path
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete ``.tmp-*`` leftovers of a killed run in ``folder``; returns how many."""
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete ``.tmp-*`` leftovers of a killed run in ``folder`` (and below it if ``recursive``); returns
+    how many. Only for a folder no running writer uses (the output folder's lock says so)."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
+    found = folder.rglob(f"{TMP_PREFIX}*") if recursive else folder.glob(f"{TMP_PREFIX}*")
+    stale = [p for p in found if p.is_file() and not p.is_symlink()]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
@@ -145,22 +155,21 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:
 
 
 def write_mask_nifti(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> Path:
-    """``mask`` ``[I, J, K]`` -> uint8 NIfTI with ``affine`` (RAS, 4x4) as qform and sform (MONAI's writer)."""
-    from monai.data import NibabelWriter
+    """``mask`` ``[I, J, K]`` -> uint8 NIfTI with ``affine`` (RAS, 4x4) as qform and sform (scanner space).
+
+    nibabel directly, not MONAI's ``NibabelWriter``: that one routes the affine through its resampler even
+    with ``resample=False``, which fails on a permuted or single-slice affine; the mask is already on the
+    source grid, the affine is only recorded."""
+    import nibabel as nib
 
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"{path}: NIfTI mask must be [I, J, K], got shape {mask.shape}")
     affine = np.asarray(affine, dtype=np.float64)
-
-    def write(tmp: Path) -> None:
-        writer = NibabelWriter(output_dtype=np.uint8)
-        writer.set_data_array((mask > 0).astype(np.uint8), channel_dim=None)
-        # resample=False: the mask is already on the source grid; the affine is only recorded
-        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-        writer.write(os.fspath(tmp))
-
-    return atomic_write(path, write)
+    image = nib.Nifti1Image((mask > 0).astype(np.uint8), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return atomic_write(path, lambda tmp: nib.save(image, os.fspath(tmp)))
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
@@ -245,65 +254,103 @@ def write_overlay_png(
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def _valid_spacing(value: Any) -> list[float] | None:
+# Type 2 attributes of the Patient / General Study modules: present, possibly empty. Exports often drop
+# them, and an invalid value is emptied (not deleted) so that the SEG still validates
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+# value representations whose values highdicom or a SEG reader parses (dates, times, numbers, codes, UIDs)
+_CHECKED_VRS = ("DA", "TM", "DT", "AS", "CS", "IS", "DS", "UI", "PN")
+_PATIENT_SEX = ("M", "F", "O")  # highdicom's PatientSexValues
+
+
+def _is_valid(keyword: str, vr: str, value: Any) -> bool:
+    """Whether a header value is one the standard allows, by pydicom's checks for its VR (regular
+    expression, length) and, for dates and times, by parsing it as highdicom will (``00000000`` matches
+    DA's pattern but is no date)."""
+    from pydicom import config
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import DA, DT, TM, validate_value
+
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
-        spacing = [float(value[0]), float(value[1])]
-    except (TypeError, ValueError, IndexError):
-        return None
-    return spacing if all(np.isfinite(s) and s > 0 for s in spacing) else None
+        for v in values:
+            if v is None or v == "":
+                continue
+            # numbers (DSfloat, IS) keep the text they were read from: that is what the file holds
+            text = getattr(v, "original_string", None)
+            if text is None and isinstance(v, (int, float)):
+                text = str(v)
+            validate_value(vr, text if text is not None else v, config.RAISE)
+            if vr in ("DA", "TM", "DT"):
+                {"DA": DA, "TM": TM, "DT": DT}[vr](str(v))
+        if keyword == "PatientSex" and values and str(values[0]) not in ("", *_PATIENT_SEX):
+            return False
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
-def sanitize_source_header(ds: Any) -> tuple[Any, list[float], bool]:
-    """A copy of a source image header that highdicom accepts, its pixel spacing, and whether it was guessed.
+@dataclass
+class SourceHeader:
+    """A source image header prepared for the SEG: ``dataset`` (a top-level copy that highdicom accepts),
+    its ``spacing`` (mm), whether the spacing was ``guessed``, and the keywords of the values ``left_out``."""
 
-    Missing Type 2 patient/study attributes are added empty. Pixel spacing: PixelSpacing if valid,
-    else ImagerPixelSpacing, else 1.0 mm (``guessed = True``): zero or missing spacing would make a SEG
-    that does not validate or read back (its Pixel Measures must be positive).
+    dataset: Any
+    spacing: list[float]
+    guessed: bool
+    left_out: list[str]
 
-    The copy is of the top level (what is added here does not reach ``ds``); its elements are ``ds``'s:
-    highdicom deep-copies what it takes, and a deep copy here cost ~0.5 ms per SEG.
+
+def sanitize_source_header(ds: Any) -> SourceHeader:
+    """A copy of a source image header that highdicom accepts, for the SEG only (``ds`` is not changed).
+
+    * top-level values that break their VR (``_CHECKED_VRS``; PatientSex outside M / F / O) are left out:
+      Type 2 patient / study attributes become empty, others are deleted; their keywords are reported;
+    * a person name without any ``^`` gets one at the end (the same name: family name only), else highdicom
+      would log it as "potentially invalid", quoting it;
+    * missing Type 2 patient / study attributes are added empty;
+    * pixel spacing: PixelSpacing if valid, else ImagerPixelSpacing, else 1.0 mm (``guessed``): zero or
+      missing spacing would make a SEG that does not validate or read back.
+
+    The copy is of the top level (what is changed here does not reach ``ds``); its other elements are
+    ``ds``'s: highdicom deep-copies what it takes, and a deep copy here cost ~0.5 ms per SEG.
     """
+    from pydicom.dataelem import DataElement
     from pydicom.dataset import Dataset
 
     source = ds
     ds = Dataset(dict(source.items()))
     if hasattr(source, "file_meta"):
         ds.file_meta = source.file_meta
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-    spacing = _valid_spacing(ds.get("PixelSpacing")) or _valid_spacing(ds.get("ImagerPixelSpacing"))
-    guessed = spacing is None
-    return ds, spacing or [1.0, 1.0], guessed
-
-
-@functools.cache
-def _memoise_highdicom_iod_lookups() -> None:
-    """Cache highdicom's ``is_attribute_in_iod``: a pure function of its static DICOM tables that scans them
-    linearly, ~6 times per SEG (1.5 of the ~8 ms a radiograph's SEG takes). Installed where highdicom calls
-    it from (its own module and ``highdicom.base``); a highdicom without these names is left as it is."""
-    try:
-        from highdicom import _standard_utils, base
-    except ImportError:
-        return
-    original = getattr(_standard_utils, "is_attribute_in_iod", None)
-    if original is None:
-        return
-
-    @functools.lru_cache(maxsize=4096)
-    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
-        return original(attribute, sop_class_uid, None if exclude is None else list(exclude))
-
-    @functools.wraps(original)
-    def is_attribute_in_iod(
-        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
-    ) -> bool:
-        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
-        return cached(attribute, str(sop_class_uid), exclude)
-
-    for module in (_standard_utils, base):
-        if getattr(module, "is_attribute_in_iod", None) is original:
-            module.is_attribute_in_iod = is_attribute_in_iod
+    left_out = []
+    with quiet_value_validation():
+        for element in list(ds):
+            keyword = element.keyword
+            if not keyword or element.VR not in _CHECKED_VRS or element.tag.group in (0x0002, 0x7FE0):
+                continue
+            # new elements, never ``setattr``: the copy shares the source's element objects
+            if not _is_valid(keyword, element.VR, element.value):
+                left_out.append(keyword)
+                if keyword in _TYPE2_PATIENT_STUDY:
+                    ds[element.tag] = DataElement(element.tag, element.VR, "")
+                else:
+                    del ds[element.tag]
+            elif element.VR == "PN" and element.value and "^" not in str(element.value):
+                ds[element.tag] = DataElement(element.tag, "PN", f"{element.value}^")
+        for keyword in _TYPE2_PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    spacing = pixel_spacing(ds)
+    return SourceHeader(ds, list(spacing) if spacing else [1.0, 1.0], spacing is None, left_out)
 
 
 def write_dicom_seg(
@@ -315,8 +362,9 @@ def write_dicom_seg(
     series_number: int = 9901,
     uid_seed: str | None = None,
     source_frame: int | None = None,
-) -> Path:
-    """A BINARY DICOM Segmentation (highdicom) of the pneumothorax over ``source_headers``.
+) -> list[str]:
+    """Write a BINARY DICOM Segmentation (highdicom) of the pneumothorax over ``source_headers`` to ``path``;
+    returns the keywords of the source attributes left out of it (:func:`sanitize_source_header`).
 
     Args:
         source_headers: pydicom datasets of the source images (pixel data not needed): one radiograph,
@@ -331,25 +379,42 @@ def write_dicom_seg(
     Every frame is kept (``omit_empty_frames=False``), so an empty mask still gives a valid SEG that says
     "nothing found" for each source image.
     """
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 3 or mask.shape[0] != len(source_headers):
+        raise ValueError(f"{path}: mask {mask.shape} does not match {len(source_headers)} source image(s)")
+    headers = [sanitize_source_header(ds) for ds in source_headers]
+    with quiet_value_validation():
+        seg = _segmentation(headers, mask, algorithm_name, algorithm_version, series_number, uid_seed)
+    if source_frame is not None:
+        if mask.shape[0] != 1:
+            raise ValueError(f"{path}: source_frame needs a single-frame mask, got {mask.shape[0]} frames")
+        source = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+        source.ReferencedFrameNumber = int(source_frame) + 1
+    atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+    return sorted({k for h in headers for k in h.left_out})
+
+
+def _segmentation(
+    headers: Sequence[SourceHeader],
+    mask: np.ndarray,
+    algorithm_name: str,
+    algorithm_version: str,
+    series_number: int,
+    uid_seed: str | None,
+) -> Any:
+    """The highdicom ``Segmentation`` of ``mask`` ``[F, Rows, Columns]`` over ``headers``."""
     import highdicom as hd
     from highdicom.sr.coding import CodedConcept
     from pydicom.uid import generate_uid
 
-    _memoise_highdicom_iod_lookups()
-
-    mask = np.asarray(mask).astype(bool)
-    if mask.ndim != 3 or mask.shape[0] != len(source_headers):
-        raise ValueError(f"{path}: mask {mask.shape} does not match {len(source_headers)} source image(s)")
-    sources, spacings, guessed = zip(*(sanitize_source_header(ds) for ds in source_headers))
-    if any(guessed):  # highdicom would copy a missing/zero spacing: give it explicitly
-        first = source_headers[0]
-        thickness = float(first.get("SliceThickness") or 1.0) or 1.0
-        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=spacings[0], slice_thickness=thickness)
-    else:
-        pixel_measures = None
-    if not hasattr(sources[0], "ImageOrientationPatient") and pixel_measures is None:
+    first = headers[0]
+    pixel_measures = None
+    if any(h.guessed for h in headers):  # highdicom would copy a missing/zero spacing: give it explicitly
+        thickness = float(first.dataset.get("SliceThickness") or 1.0) or 1.0
+        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=first.spacing, slice_thickness=thickness)
+    elif "ImageOrientationPatient" not in first.dataset:
         # projection radiographs: highdicom's read-back needs explicit pixel measures
-        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=spacings[0], slice_thickness=1.0)
+        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=first.spacing, slice_thickness=1.0)
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="Pneumothorax",
@@ -366,8 +431,8 @@ def write_dicom_seg(
     def uid(tag: str) -> str:
         return generate_uid(entropy_srcs=[uid_seed, tag]) if uid_seed else generate_uid()
 
-    seg = hd.seg.Segmentation(
-        source_images=list(sources),
+    return hd.seg.Segmentation(
+        source_images=[h.dataset for h in headers],
         pixel_array=mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
@@ -383,9 +448,3 @@ def write_dicom_seg(
         omit_empty_frames=False,
         series_description="Pneumothorax segmentation (research use)",
     )
-    if source_frame is not None:
-        if mask.shape[0] != 1:
-            raise ValueError(f"{path}: source_frame needs a single-frame mask, got {mask.shape[0]} frames")
-        source = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
-        source.ReferencedFrameNumber = int(source_frame) + 1
-    return atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
