@@ -67,10 +67,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _bundle_command(args: argparse.Namespace, bundle: Path, extra: list[str]) -> list[str]:
     # evaluation reads the image size and network from the model record training wrote
-    return [sys.executable, "-m", "monai.bundle", "run", *extra,
-            "--datalist", str(args.out / "data" / "manifest.json"), "--bundle_root", str(bundle),
-            "--num_workers", str(args.workers), "--seed", str(args.seed),
-            "--cpu_bf16", str(bool(args.cpu_bf16))]  # fmt: skip  (a Python literal: fire reads "false" as a string)
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        *extra,
+        "--datalist",
+        str(args.out / "data" / "manifest.json"),
+        "--bundle_root",
+        str(bundle),
+        "--num_workers",
+        str(args.workers),
+        "--seed",
+        str(args.seed),
+        "--cpu_bf16",
+        str(bool(args.cpu_bf16)),
+    ]  # fmt: skip  (a Python literal: fire reads "false" as a string)
 
 
 def _stream(command: list[str], log: Path) -> str:
