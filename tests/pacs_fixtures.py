@@ -78,7 +78,13 @@ def radiograph_study(folder: Path, n: int = 2, seed: int = 3, index: int = 0) ->
     study_uid = cases[0].study_uid
     files, series = [], []
     for i, case in enumerate(cases):
-        case = dataclasses.replace(case, study_uid=study_uid, transfer_syntax="explicit", spacing_tag="PixelSpacing")
+        case = dataclasses.replace(
+            case,
+            study_uid=study_uid,
+            patient_id=cases[0].patient_id,
+            transfer_syntax="explicit",
+            spacing_tag="PixelSpacing",
+        )
         image, _ = phantoms.draw_radiograph_case(case, seed, 96)
         files.append(phantoms.write_radiograph_dicom(folder / f"cr{i}.dcm", image, case))
         series.append(case.series_uid)
@@ -283,3 +289,146 @@ class RecordingSCP:
                     return list(self.received)
             time.sleep(0.05)
         raise AssertionError(f"destination received {len(self.received)} of {n} results in {timeout} s")
+
+
+# =================================================================================== a real Orthanc
+
+
+ORTHANC_NETNS = Path(__file__).with_name("orthanc_netns.py")
+DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so*")
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if os.path.exists(p)), None)
+
+
+def dicomweb_plugin() -> str | None:
+    import glob
+
+    for pattern in DICOMWEB_PLUGINS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+class Orthanc:
+    """Orthanc in a loopback-only network namespace (tests/orthanc_netns.py), its HTTP and DICOM ports
+    forwarded to free ports on 127.0.0.1 here; its modality ``pneumoseg`` (AE PNEUMOSEG) reaches
+    ``127.0.0.1:node_port`` here. Own temporary config and storage; stopped by :meth:`stop`."""
+
+    AE_TITLE = "ORTHANC"
+
+    def __init__(self, root: Path) -> None:
+        import tempfile
+
+        self.root = root
+        self.node_port = 0
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.sockets = Path(tempfile.mkdtemp(prefix="orthanc-", dir="/tmp"))  # Unix socket paths are short
+        self._listeners: list[socket.socket] = []
+        self.proc: subprocess.Popen | None = None
+        self.plugin = dicomweb_plugin()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60) -> Orthanc:
+        from orthanc_netns import DICOM_PORT, HTTP_PORT, NODE_PORT, forward, tcp_listener, unix_connect, unix_listener
+
+        config = {
+            "Name": "pneumoseg-test",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "HttpPort": HTTP_PORT,
+            "DicomPort": DICOM_PORT,
+            "DicomAet": self.AE_TITLE,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {"pneumoseg": ["PNEUMOSEG", "127.0.0.1", NODE_PORT]},
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "SaveJobs": False,
+            "Plugins": [self.plugin] if self.plugin else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        self.proc = subprocess.Popen(
+            ["unshare", "-n", PYTHON, str(ORTHANC_NETNS), str(path), str(self.sockets)],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "orthanc.log", "wb"), start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not (self.sockets / "ready").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {(self.root / 'orthanc.log').read_text()[-3000:]}")
+            time.sleep(0.05)
+        for port, sock in ((self.http_port, "http.sock"), (self.dicom_port, "dicom.sock")):
+            self._listeners.append(tcp_listener(port))
+            forward(self._listeners[-1], unix_connect(self.sockets / sock))
+        self._listeners.append(unix_listener(self.sockets / "node.sock"))
+        forward(self._listeners[-1], lambda: socket.create_connection(("127.0.0.1", self.node_port)))
+        while True:
+            try:
+                self.get("/system")
+                return self
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.root / "orthanc.log").read_text()[-3000:]
+                    raise RuntimeError(f"Orthanc REST not up: {log}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for s in self._listeners:
+            s.close()
+        self._listeners.clear()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the helper and Orthanc (its own session)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=20)
+        shutil.rmtree(self.sockets, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ REST
+    def get(self, path: str) -> Any:
+        import requests
+
+        response = requests.get(self.url + path, timeout=30)
+        response.raise_for_status()
+        return response.json() if "json" in response.headers.get("content-type", "") else response.content
+
+    def post(self, path: str, data: Any) -> Any:
+        import requests
+
+        body = data if isinstance(data, bytes) else json.dumps(data).encode()
+        response = requests.post(self.url + path, data=body, timeout=120)
+        response.raise_for_status()
+        return response.json()
+
+    def upload(self, files: list[Path]) -> list[str]:
+        """POST each file to /instances; the Orthanc IDs of their studies (unique, in order)."""
+        studies: list[str] = []
+        for f in files:
+            study = self.post("/instances", Path(f).read_bytes())["ParentStudy"]
+            if study not in studies:
+                studies.append(study)
+        return studies
+
+    def instances_of_modality(self, modality: str) -> list[bytes]:
+        """The files of every instance of the series of ``modality`` (e.g. SEG, SR)."""
+        series = self.post("/tools/find", {"Level": "Series", "Query": {"Modality": modality}})
+        out = []
+        for s in series:
+            for instance in self.get(f"/series/{s}/instances"):
+                out.append(self.get(f"/instances/{instance['ID']}/file"))
+        return out
