@@ -4,7 +4,7 @@ Orthanc 1.10 (Debian bookworm) listens on every interface and has no bind-addres
 run it in a private network namespace (``unshare -n``: only a loopback interface) and carry its ports to
 the host's loopback through Unix sockets in a test folder; nothing listens beyond 127.0.0.1.
 
-Inside the namespace (this script, ``python orthanc_netns.py CONFIG.json SOCKET_DIR``): loopback up,
+Inside the namespace (this script, ``python orthanc_netns.py ORTHANC CONFIG.json SOCKET_DIR``): loopback up,
 Orthanc started with CONFIG.json (HTTP 8042, DICOM 4242), ``SOCKET_DIR/http.sock`` and ``dicom.sock`` lead to
 them, and 127.0.0.1:11112 (the node, as Orthanc's modality entry names it) leads to ``SOCKET_DIR/node.sock``,
 which the host side forwards to the node. Ends Orthanc on SIGTERM.
@@ -98,10 +98,10 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags[1] | _IFF_UP) + b"\0" * 22)
 
 
-def main(config: str, socket_dir: str) -> int:
+def main(binary: str, config: str, socket_dir: str) -> int:
     folder = Path(socket_dir)
     _loopback_up()
-    orthanc = subprocess.Popen(["Orthanc", config], stdout=subprocess.DEVNULL)
+    orthanc = subprocess.Popen([binary, config], stdout=subprocess.DEVNULL)
     signal.signal(signal.SIGTERM, lambda *_: orthanc.terminate())
     forward(unix_listener(folder / "http.sock"), tcp_connect(HTTP_PORT))
     forward(unix_listener(folder / "dicom.sock"), tcp_connect(DICOM_PORT))
@@ -112,4 +112,4 @@ def main(config: str, socket_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], sys.argv[2]))
+    raise SystemExit(main(*sys.argv[1:4]))

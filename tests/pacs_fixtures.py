@@ -358,7 +358,7 @@ class Orthanc:
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
         self.proc = subprocess.Popen(
-            ["unshare", "-n", PYTHON, str(ORTHANC_NETNS), str(path), str(self.sockets)],
+            ["unshare", "-n", PYTHON, str(ORTHANC_NETNS), orthanc_binary() or "Orthanc", str(path), str(self.sockets)],
             stdout=subprocess.DEVNULL, stderr=open(self.root / "orthanc.log", "wb"), start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
