@@ -279,12 +279,10 @@ def test_mixed_folder_rows_and_outputs(reference, mixed):
             assert files == [] and row["mask"] == row["seg"] == row["overlay"] == ""
             continue
         kind = row["kind"]
-        want = {
-            "radiograph": ["mask.png", "overlay.png", "record.json", "seg.dcm"],
-            "image": ["mask.png", "overlay.png", "record.json"],
-            "series": ["mask.nii.gz", "overlay.png", "record.json", "seg.dcm"],
-            "nifti": ["mask.nii.gz", "overlay.png", "record.json"],
-        }[kind]
+        want = {"radiograph": ["mask.png", "overlay.png", "record.json", "seg.dcm"],
+                "image": ["mask.png", "overlay.png", "record.json"],
+                "series": ["mask.nii.gz", "overlay.png", "record.json", "seg.dcm"],
+                "nifti": ["mask.nii.gz", "overlay.png", "record.json"]}[kind]
         assert files == want, sid
         assert row["positive"] in ("yes", "no") and 0.0 <= float(row["probability"]) <= 1.0
         assert row["mask"] and (out / row["mask"]).is_file()
@@ -420,24 +418,8 @@ def test_kill_and_resume_equals_uninterrupted(bundle, mixed, reference, tmp_path
     inputs, _ = mixed
     before = _tree_digest(inputs)
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "pneumoseg",
-        "infer",
-        str(inputs),
-        str(out),
-        "--bundle",
-        str(bundle),
-        "--device",
-        "cpu",
-        "--fp32",
-        "--workers",
-        "0",
-        "--batch-size",
-        "3",
-        "--no-progress",
-    ]
+    command = [sys.executable, "-m", "pneumoseg", "infer", str(inputs), str(out), "--bundle", str(bundle),
+               "--device", "cpu", "--fp32", "--workers", "0", "--batch-size", "3", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -520,19 +502,12 @@ def test_empty_folder_and_cli(bundle, tmp_path, capsys):
     # the same runner from a bundle config (what configs/inference.json does with _target_)
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser(
-        {
-            "runner": {
-                "_target_": "pneumoseg.inference.BatchInferenceRunner",
-                "bundle_root": str(bundle),
-                "input_dir": str(empty),
-                "output_dir": str(tmp_path / "from_config"),
-                "device": "cpu",
-                "progress": False,
-            },
-            "run": "$@runner.run()",
-        }
-    )
+    parser = ConfigParser({
+        "runner": {"_target_": "pneumoseg.inference.BatchInferenceRunner", "bundle_root": str(bundle),
+                   "input_dir": str(empty), "output_dir": str(tmp_path / "from_config"), "device": "cpu",
+                   "progress": False},
+        "run": "$@runner.run()",
+    })
     assert parser.get_parsed_content("run") == 0
     assert (tmp_path / "from_config" / "report.json").is_file()
     assert main(["infer", str(empty), str(out), "--bundle", str(tmp_path / "no_bundle")]) == 2
@@ -547,20 +522,8 @@ def test_help_explains_every_option(capsys):
     infer = sub.choices["infer"]
     for action in infer._actions:
         assert action.help, action.option_strings or action.dest
-    for option in (
-        "--bundle",
-        "--device",
-        "--batch-size",
-        "--workers",
-        "--formats",
-        "--overwrite",
-        "--strict",
-        "--fp32",
-        "--num-shards",
-        "--shard-id",
-        "--merge-reports",
-        "--chest-only",
-    ):
+    for option in ("--bundle", "--device", "--batch-size", "--workers", "--formats", "--overwrite", "--strict",
+                   "--fp32", "--num-shards", "--shard-id", "--merge-reports", "--chest-only"):
         assert option in infer.format_help()
 
 

@@ -152,7 +152,9 @@ def test_same_seed_same_manifest_file(tmp_path):
     dicom_dir, csv_path, _, _ = _siim_dataset(tmp_path, n_patients=8, images_per_patient=2)
     outs = []
     for name in ("a.json", "b.json"):
-        manifest, summary = build_siim_manifest(dicom_dir, csv_path, tmp_path, salt="x", seed=7, progress=False)
+        manifest, summary = build_siim_manifest(
+            dicom_dir, csv_path, tmp_path, salt="x", seed=7, progress=False
+        )
         write_manifest(manifest, tmp_path / name, summary)
         outs.append((tmp_path / name).read_text())
     assert outs[0] == outs[1]

@@ -170,7 +170,9 @@ def test_read_csv_errors_name_file(tmp_path):
         read_siim_csv(bad_row)
 
 
-@pytest.mark.parametrize("style, header", [("stage1", "ImageId, EncodedPixels"), ("stage2", "ImageId,EncodedPixels")])
+@pytest.mark.parametrize(
+    "style, header", [("stage1", "ImageId, EncodedPixels"), ("stage2", "ImageId,EncodedPixels")]
+)
 def test_write_then_read_round_trip(tmp_path, style, header):
     rows = {"a.1": ["-1"], "a.2": ["0 2 1022 1", "7 3"], "a.3": ["4 4"]}
     path = tmp_path / "out.csv"
