@@ -241,9 +241,10 @@ def node_status(config: Path) -> dict[str, Any]:
 class RecordingSCP:
     """A Storage SCP (pynetdicom) that keeps every instance it is sent, in order (duplicates included)."""
 
-    def __init__(self, port: int, ae_title: str = "PACS") -> None:
+    def __init__(self, port: int, ae_title: str = "PACS", status: int = 0x0000) -> None:
         self.port = port
         self.ae_title = ae_title
+        self.status = status  # what it answers (a failure status: a destination that refuses)
         self.received: list[Any] = []
         self._server: Any = None
         self._lock = threading.Lock()
@@ -265,7 +266,7 @@ class RecordingSCP:
             ds.file_meta = event.file_meta
             with self._lock:
                 self.received.append(ds)
-            return 0x0000
+            return self.status
 
         self._server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]

@@ -106,15 +106,17 @@ class StorageSCP:
         return ""
 
     def _on_requested(self, event: Any) -> None:
-        """Reject at association time (pynetdicom's documented use of EVT_REQUESTED: send the A-ASSOCIATE-RJ
-        here and negotiation is skipped)."""
+        """Reject at association time (pynetdicom's documented use of EVT_REQUESTED: an A-ASSOCIATE-RJ sent
+        here skips the negotiation), before any data set is accepted."""
         calling, host = self._peer(event.assoc)
         reason = self._allowed(calling, host)
         if reason:
-            diagnostic = 0x03 if reason.startswith("calling AE") else 0x01  # calling AE not recognised | none given
-            event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected permanent, by the service user
             log_event("association", calling_ae=calling, peer=host, result="rejected", reason=reason)
             self.queue.record_error("association", f"{calling}@{host} rejected: {reason}")
+            diagnostic = 0x03 if reason.startswith("calling AE") else 0x01  # calling AE not recognised | none given
+            event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected permanent, by the service user
+            # as pynetdicom's own rejection: wait for the DUL to deliver the A-ASSOCIATE-RJ before the socket closes
+            event.assoc.kill()
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
