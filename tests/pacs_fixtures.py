@@ -140,6 +140,7 @@ class NodeProcess:
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.events: list[dict[str, Any]] = []
+        self.port = 0  # the port it listens on, from its "started" line
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -174,7 +175,9 @@ class NodeProcess:
             return "\n".join(self.lines)
 
     def started(self, timeout: float = 90) -> dict:
-        return self.wait_for(lambda e: e.get("event") == "started", timeout, "start")
+        line = self.wait_for(lambda e: e.get("event") == "started", timeout, "start")
+        self.port = int(line["port"])
+        return line
 
     def kill(self) -> None:
         if self.proc.poll() is None:

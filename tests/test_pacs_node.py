@@ -5,6 +5,7 @@ instance it receives, duplicates included, so "sent exactly once" is observed wh
 from __future__ import annotations
 
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -56,9 +57,10 @@ def _dest(port: int) -> list[dict]:
 
 
 def _start(nodes: list[NodeProcess], config: Path) -> NodeProcess:
+    """A node on a port of its own choosing (port 0; no race for a port picked in advance): ``node.port``."""
     node = NodeProcess(config)
     nodes.append(node)
-    node.started()
+    node.port = node.started()["port"]
     return node
 
 
@@ -67,10 +69,9 @@ def test_kill_9_mid_study_then_restart_processes_and_sends_every_study_exactly_o
 ):
     cr = radiograph_study(tmp_path / "cr", n=2)
     ct = ct_study(tmp_path / "ct", slices=6)
-    port = free_port()
-    config = node_config(tmp_path, bundle, port, _dest(destination.port))
+    config = node_config(tmp_path, bundle, 0, _dest(destination.port))
     first = _start(nodes, config)
-    assert send_files(port, cr.files + ct.files) == [0] * 8
+    assert send_files(first.port, cr.files + ct.files) == [0] * 8
     first.wait_for(lambda e: e.get("event") == "study_started", 60, "a study to start")
     first.kill()  # SIGKILL while the study is being processed
     killed_in = {e["study_uid"] for e in first.find(lambda e: e.get("event") == "study_started")}
@@ -99,10 +100,9 @@ def test_kill_9_mid_study_then_restart_processes_and_sends_every_study_exactly_o
 def test_sigterm_finishes_the_study_in_progress_and_keeps_the_rest_queued(bundle, destination, nodes, tmp_path):
     first_study = radiograph_study(tmp_path / "a", n=1, seed=21)
     second_study = radiograph_study(tmp_path / "b", n=1, seed=22)
-    port = free_port()
-    config = node_config(tmp_path, bundle, port, _dest(destination.port))
+    config = node_config(tmp_path, bundle, 0, _dest(destination.port))
     node = _start(nodes, config)
-    assert send_files(port, first_study.files + second_study.files) == [0, 0]
+    assert send_files(node.port, first_study.files + second_study.files) == [0, 0]
     started = node.wait_for(lambda e: e.get("event") == "study_started", 60, "a study to start")
     node.proc.send_signal(15)
     assert node.proc.wait(timeout=60) == 0
@@ -123,10 +123,14 @@ def test_sigterm_finishes_the_study_in_progress_and_keeps_the_rest_queued(bundle
 
 def test_destination_down_keeps_results_queued_and_visible_then_delivers_them(bundle, nodes, tmp_path):
     study = radiograph_study(tmp_path / "cr", n=2)
-    port, destination_port = free_port(), free_port()
-    config = node_config(tmp_path, bundle, port, _dest(destination_port))
+    # the PACS is down: its port is held by a socket that does not listen (connections are refused), so no
+    # other program takes it before the PACS comes back
+    placeholder = socket.socket()
+    placeholder.bind(("127.0.0.1", 0))
+    destination_port = placeholder.getsockname()[1]
+    config = node_config(tmp_path, bundle, 0, _dest(destination_port))
     node = _start(nodes, config)
-    assert send_files(port, study.files) == [0, 0]
+    assert send_files(node.port, study.files) == [0, 0]
     node.wait_for(lambda e: e.get("event") == "send" and e.get("result") == "retry" and e.get("attempt") >= 2, 60)
     status = node_status(config)
     assert status["studies"]["done"] == 1
@@ -135,6 +139,7 @@ def test_destination_down_keeps_results_queued_and_visible_then_delivers_them(bu
     assert waiting["results"] == 4 and "could not be reached" in waiting["last_error"]
     assert any("could not be reached" in e["message"] for e in status["last_errors"])
 
+    placeholder.close()
     destination = RecordingSCP(destination_port).start()  # the PACS is back
     try:
         received = destination.wait_for_count(4, 60)
@@ -159,10 +164,9 @@ def test_corrupt_instance_gets_a_failure_status_and_a_report_row_and_the_rest_is
 ):
     study = radiograph_study(tmp_path / "cr", n=2)
     corrupt = _truncated_copy(study.files[0], tmp_path / "corrupt.dcm")
-    port = free_port()
-    config = node_config(tmp_path, bundle, port, _dest(destination.port))
+    config = node_config(tmp_path, bundle, 0, _dest(destination.port))
     node = _start(nodes, config)
-    assert send_files(port, [study.files[0], corrupt, study.files[1]]) == [0x0000, 0xA900, 0x0000]
+    assert send_files(node.port, [study.files[0], corrupt, study.files[1]]) == [0x0000, 0xA900, 0x0000]
     line = node.wait_for(lambda e: e.get("event") == "study", 60, "the study")
     assert (line["result"], line["ok"], line["errors"]) == ("done", 2, 1)
     destination.wait_for_count(4, 60)  # SEG + SR of each good radiograph

@@ -24,7 +24,6 @@ from pacs_fixtures import (
     NodeProcess,
     Orthanc,
     ct_study,
-    free_port,
     make_tiny_bundle,
     node_config,
     orthanc_binary,
@@ -92,13 +91,11 @@ def test_orthanc_sends_studies_and_gets_seg_and_sr_equal_to_pneumoseg_infer(orth
     inputs = tmp_path / "inputs"
     cr = radiograph_study(inputs / "cr", n=2)
     ct = ct_study(inputs / "ct", slices=6)
-    node_port = free_port()
-    orthanc.node_port = node_port
     destination = {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
-    config = node_config(tmp_path, bundle, node_port, [destination], allowed_ae_titles=["ORTHANC"])
+    config = node_config(tmp_path, bundle, 0, [destination], allowed_ae_titles=["ORTHANC"])
     node = NodeProcess(config)
     try:
-        node.started()
+        orthanc.node_port = node.started()["port"]  # where Orthanc's modality "pneumoseg" leads
         study_ids = orthanc.upload(cr.files + ct.files)
         stored = orthanc.post("/modalities/pneumoseg/store", {"Resources": study_ids, "Synchronous": True})
         assert stored["InstancesCount"] == 8 and stored["FailedInstancesCount"] == 0
@@ -165,7 +162,7 @@ def test_dicomweb_mode_pulls_new_studies_and_stores_results_with_stow(orthanc, b
     orthanc.upload(before.files)
     config = write_config(
         tmp_path / "node.toml",
-        node={"port": free_port(), "state_dir": str(tmp_path / "state"), "quiet_seconds": 0.5},
+        node={"port": 0, "state_dir": str(tmp_path / "state"), "quiet_seconds": 0.5},
         inference={"bundles": [str(bundle)], "device": "cpu", "workers": 0},
         dicomweb={"url": orthanc.url + "/dicom-web", "poll_seconds": 0.5},
     )
