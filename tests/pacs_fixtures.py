@@ -217,12 +217,15 @@ def write_config(path: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
-def node_config(tmp: Path, bundle: Path, port: int, destinations: list[dict], **node: Any) -> Path:
+def node_config(
+    tmp: Path, bundle: Path, port: int, destinations: list[dict], results: dict | None = None, **node: Any
+) -> Path:
     """A test node: quiet time 1 s, fast retries, runner without worker processes."""
     return write_config(
         tmp / "node.toml",
         node={"ae_title": "PNEUMOSEG", "port": port, "state_dir": str(tmp / "state"), "quiet_seconds": 1.0, **node},
         inference={"bundles": [str(bundle)], "device": "cpu", "workers": 0, "batch_size": 4},
+        results=results or {},
         send={"initial_backoff_seconds": 0.25, "max_backoff_seconds": 1.0, "timeout_seconds": 10.0},
         destinations=destinations,
     )

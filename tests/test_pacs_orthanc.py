@@ -92,7 +92,9 @@ def test_orthanc_sends_studies_and_gets_seg_and_sr_equal_to_pneumoseg_infer(orth
     cr = radiograph_study(inputs / "cr", n=2)
     ct = ct_study(inputs / "ct", slices=6)
     destination = {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
-    config = node_config(tmp_path, bundle, 0, [destination], allowed_ae_titles=["ORTHANC"])
+    config = node_config(
+        tmp_path, bundle, 0, [destination], results={"secondary_capture": True}, allowed_ae_titles=["ORTHANC"]
+    )
     node = NodeProcess(config)
     try:
         orthanc.node_port = node.started()["port"]  # where Orthanc's modality "pneumoseg" leads
@@ -103,8 +105,14 @@ def test_orthanc_sends_studies_and_gets_seg_and_sr_equal_to_pneumoseg_infer(orth
                      120, "3 SEGs in Orthanc")  # fmt: skip
         srs = _wait(lambda: len(orthanc.instances_of_modality("SR")) >= 3 and orthanc.instances_of_modality("SR"),
                     60, "3 SRs in Orthanc")  # fmt: skip
+        captures = _wait(lambda: len(orthanc.instances_of_modality("OT")) >= 3 and orthanc.instances_of_modality("OT"),
+                         60, "3 Secondary Captures in Orthanc")  # fmt: skip
         association = node.find(lambda e: e.get("event") == "association" and e.get("stored"))
         assert association and association[0]["calling_ae"] == "ORTHANC"
+        log = node.log()
+        for path in cr.files + ct.files:  # no patient data in the logs
+            source = pydicom.dcmread(path, stop_before_pixels=True)
+            assert str(source.PatientID) not in log and str(source.PatientName) not in log
     finally:
         node.kill()
 
@@ -140,6 +148,12 @@ def test_orthanc_sends_studies_and_gets_seg_and_sr_equal_to_pneumoseg_infer(orth
     np.testing.assert_array_equal(ct_back, _seg_pixels(hd.seg.segread(reference / ct_row["seg"]), slices))
     assert int(ct_back.sum()) == ct_row["mask_pixels"]
     assert non_empty + int(ct_back.any()) >= 1, "every mask is empty: the comparison would prove little"
+
+    # the Secondary Captures: the overlay pictures, RGB, in the source's study
+    for data in captures:
+        sc = pydicom.dcmread(io.BytesIO(data))
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.PhotometricInterpretation == "RGB"
+        assert sc.StudyInstanceUID in (cr.study_uid, ct.study_uid)
 
     # the SRs: one per scan, in the source's study, with the probability and the finding of the report row
     assert len(srs) == 3
