@@ -178,7 +178,7 @@ def test_dicomweb_mode_pulls_new_studies_and_stores_results_with_stow(orthanc, b
         tmp_path / "node.toml",
         node={"port": 0, "state_dir": str(tmp_path / "state"), "quiet_seconds": 0.5},
         inference={"bundles": [str(bundle)], "device": "cpu", "workers": 0},
-        dicomweb={"url": orthanc.url + "/dicom-web", "poll_seconds": 0.5},
+        dicomweb={"url": orthanc.url + "/dicom-web", "poll_seconds": 0.5, "lookback_days": 0},  # phantoms: 2020
     )
     node = NodeProcess(config)
     try:
@@ -201,3 +201,28 @@ def test_dicomweb_mode_pulls_new_studies_and_stores_results_with_stow(orthanc, b
         "/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": new.study_uid}, "Expand": True}
     )
     assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CR", "SEG", "SR"]
+
+
+def test_dicomweb_poll_lists_only_recent_studies_and_skips_other_sop_classes(orthanc, tmp_path):
+    """The poller alone (no model): a study of today is pulled, one of 2020 is outside ``lookback_days``."""
+    import datetime
+
+    from pneumoseg.pacs.config import DicomWebSettings
+    from pneumoseg.pacs.dicomweb import DicomWebPoller
+    from pneumoseg.pacs.queue import NodeQueue
+    from pneumoseg.pacs.spool import Spool
+
+    _require("Orthanc's DICOMweb plugin (orthanc-dicomweb)", "dicom-web" in orthanc.get("/plugins"))
+    old = radiograph_study(tmp_path / "old", n=1, seed=31)
+    recent = radiograph_study(tmp_path / "recent", n=2, seed=32)
+    for path in recent.files:
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = f"{datetime.date.today():%Y%m%d}"
+        ds.save_as(path)
+    orthanc.upload(old.files + recent.files)
+    queue = NodeQueue(tmp_path / "state" / "queue.sqlite3")
+    settings = DicomWebSettings(url=orthanc.url + "/dicom-web", lookback_days=2, pull_existing=True)
+    poller = DicomWebPoller(settings, Spool(tmp_path / "state"), queue)
+    assert poller.poll() == 2
+    assert [s["study_uid"] for s in queue.studies()] == [recent.study_uid]
+    assert poller.poll() == 0  # nothing new: the study's count is unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(json.dumps(status, indent=1) if args.json else format_status(status))
         return 0
+    missing = [m for m in ("pynetdicom", "dicomweb_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"pneumoseg serve: {', '.join(missing)} not installed: pip install 'pneumoseg[pacs]'", file=sys.stderr)
+        return 2
     # as for `pneumoseg infer` (pneumoseg.cli): OpenMP threads wait passively, read when torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pneumoseg.pacs.log import configure_logging, log_event

@@ -123,11 +123,13 @@ class Destination:
 @dataclass(frozen=True)
 class DicomWebSettings:
     """``[dicomweb]``: pull new studies from a DICOMweb server (QIDO-RS / WADO-RS) and store the results
-    there (STOW-RS). ``pull_existing``: also process the studies already on the server when the node first
-    starts (default: only those that appear later)."""
+    there (STOW-RS). ``lookback_days``: each poll lists the studies whose StudyDate is within that many days
+    (a poll must not list a whole archive; 0: no date filter). ``pull_existing``: also process the studies
+    already on the server when the node first starts (default: only those that appear later)."""
 
     url: str = ""
     poll_seconds: float = 30.0
+    lookback_days: int = 2  # QIDO-RS asks for studies of the last days only (StudyDate); 0: every study
     pull_existing: bool = False
     store_results: bool = True
     timeout_seconds: float = 60.0
@@ -239,8 +241,8 @@ def _check(config: NodeConfig) -> NodeConfig:
     names = [d.name for d in config.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: destinations: names must be unique, got {names}")
-    if config.node.quiet_seconds < 0 or config.dicomweb.poll_seconds <= 0:
-        raise ConfigError(f"{where}: node.quiet_seconds must be >= 0 and dicomweb.poll_seconds > 0")
+    if config.node.quiet_seconds < 0 or config.dicomweb.poll_seconds <= 0 or config.dicomweb.lookback_days < 0:
+        raise ConfigError(f"{where}: need node.quiet_seconds >= 0, dicomweb.poll_seconds > 0, lookback_days >= 0")
     if (
         config.send.initial_backoff_seconds <= 0
         or config.send.max_backoff_seconds < config.send.initial_backoff_seconds

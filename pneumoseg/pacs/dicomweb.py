@@ -1,6 +1,7 @@
 """DICOMweb as the node's other transport: pull new studies (QIDO-RS + WADO-RS) into the spool.
 
-Each poll lists the server's studies with their instance counts (QIDO-RS); a study whose count differs
+Each poll lists the server's recent studies (StudyDate within ``lookback_days``) with their instance counts
+(QIDO-RS); a study whose count differs
 from the one recorded at the last poll is looked into: its CR / DX / DR / CT series (QIDO-RS), their
 instances of an accepted SOP class that the node does not have yet, each retrieved (WADO-RS) and received
 exactly like an instance from the Storage SCP (:func:`pneumoseg.pacs.spool.ingest`), so the quiet time,
@@ -15,6 +16,7 @@ Results are stored back with STOW-RS (:class:`pneumoseg.pacs.sender.DicomWebStor
 
 from __future__ import annotations
 
+import datetime
 import io
 import threading
 from typing import Any
@@ -52,7 +54,13 @@ class DicomWebPoller:
     def poll(self) -> int:
         """One poll; returns how many instances were received."""
         client = self._client()
-        studies = client.search_for_studies(fields=["NumberOfStudyRelatedInstances"], get_remaining=True)
+        filters = {}
+        if self.settings.lookback_days:
+            since = datetime.date.today() - datetime.timedelta(days=self.settings.lookback_days)
+            filters["StudyDate"] = f"{since:%Y%m%d}-"
+        studies = client.search_for_studies(
+            fields=["NumberOfStudyRelatedInstances"], search_filters=filters, get_remaining=True
+        )
         counts = {}
         for study in studies:
             uid = _value(study, "0020000D")
