@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "manifest": "pneumoseg.data.manifest",
     "infer": "pneumoseg.infer.cli",
     "bundle": "pneumoseg.sharing",
+    "serve": "pneumoseg.pacs.cli",
 }
 
 # environment a subcommand needs before torch is imported (an explicit setting by the user wins).
