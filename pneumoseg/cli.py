@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "manifest": "pneumoseg.data.manifest",
     "infer": "pneumoseg.inference",
     "bundle": "pneumoseg.sharing",
+    "federated": "pneumoseg.federated.cli",
 }
 
 # environment a subcommand needs before torch is imported (an explicit setting by the user wins).
