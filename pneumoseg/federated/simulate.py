@@ -49,6 +49,7 @@ class SimulationConfig:
     network: dict[str, Any] = field(default_factory=dict)
     onnx: bool = True
     signing_key: Path | None = None
+    initial_weights: Path | None = None
 
     def values(self) -> JobValues:
         return JobValues(
@@ -119,7 +120,8 @@ def simulate(config: SimulationConfig) -> Simulation:
     sites = make_sites(out / "sites", config.sites, config.images_per_site, config.image_size, config.seed,
                        batch_size=config.batch_size, num_workers=config.num_workers)  # fmt: skip
     names = [s.name for s in sites]
-    job = write_job(out / "job", names, values, overwrite=True)
+    initial = str(Path(config.initial_weights).resolve()) if config.initial_weights else None
+    job = write_job(out / "job", names, values, initial_weights=initial, overwrite=True)
     workspace = out / "workspace"
     run_dir = run_simulator(job, workspace, names, str(out / "sites" / "{site}" / "site.json"), out / "simulator.log")
     results = publish(run_dir, out, {s.name: s.profile.label for s in sites}, config.signing_key, onnx=config.onnx,
