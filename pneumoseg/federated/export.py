@@ -204,8 +204,7 @@ def publish(
 ) -> JobResults:
     """From a finished job's run folder on the server (``pneumoseg_rounds.jsonl`` + the global weights):
     ``OUT/report/rounds.{csv,md,png}``, ``OUT/global_bundle/`` and ``OUT/global_bundle.zip``."""
-    from pneumoseg.federated.report import write_report
-    from pneumoseg.federated.server import ROUNDS_FILE
+    from pneumoseg.federated.report import ROUNDS_FILE, write_report
 
     run_dir, out = Path(run_dir), Path(out_dir)
     log = RoundsLog.read(run_dir / ROUNDS_FILE)

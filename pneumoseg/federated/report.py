@@ -18,7 +18,10 @@ from typing import Any
 
 from pneumoseg.federated.values import METRIC_NAMES
 
-__all__ = ["RoundsLog", "write_report", "PLOTTED"]
+__all__ = ["ROUNDS_FILE", "RoundsLog", "write_report", "PLOTTED"]
+
+ROUNDS_FILE = "pneumoseg_rounds.jsonl"
+"""The round record the server's :class:`~pneumoseg.federated.server.RoundRecorder` writes in the job's run folder."""
 
 PLOTTED: tuple[str, ...] = ("siim_dice", "positive_dice", "auc")
 """Metrics drawn in the plot (the table has all of :data:`METRIC_NAMES`)."""

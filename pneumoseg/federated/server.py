@@ -31,11 +31,10 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.widgets.widget import Widget
 
+from pneumoseg.federated.report import ROUNDS_FILE
 from pneumoseg.federated.values import METRIC_NAMES
 
 __all__ = ["ROUNDS_FILE", "FedAvgThenEvaluate", "RoundRecorder", "weights_sha256"]
-
-ROUNDS_FILE = "pneumoseg_rounds.jsonl"
 
 
 def weights_sha256(weights: Any) -> str:

@@ -95,6 +95,10 @@ def run_simulator(job: Path, workspace: Path, sites: list[str], site_config: str
     ``site_config``: the value of :data:`SITE_CONFIG_ENV` (with ``{site}``). The sites share the cores: each
     trainer gets ``cores // sites`` threads and waits passively, so they do not spin against each other.
     """
+    try:
+        import nvflare  # noqa: F401
+    except ImportError:
+        raise RuntimeError("NVIDIA FLARE is not installed: pip install 'pneumoseg[federated]'") from None
     simulator_resources(workspace)
     env = dict(os.environ)
     env[SITE_CONFIG_ENV] = site_config
