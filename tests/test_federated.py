@@ -126,7 +126,16 @@ def test_exported_global_bundle_verifies_and_infers(sim, tmp_path: Path):
     assert list(record.network.kwargs["decoder_channels"]) == DECODER and record.radiograph.image_size == 64
     card = (bundle / "docs" / "README.md").read_text()
     assert "## Federated training" in card and "`simulate_job`" in card and "after round 2 of 2" in card
-    assert "| site-a |" in card and "| site-b |" in card
+    for site, metrics in sim.results.log.final_metrics().items():
+        assert f"| {site} | {metrics['siim_dice']:.3f} |" in card
+    import torch
+
+    from pneumoseg.model_record import load_state_dict
+
+    exported = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    aggregated = load_state_dict(sim.run_dir / "app_server" / "FL_global_model.pt")
+    assert exported.keys() == aggregated.keys()
+    assert all(torch.equal(exported[k], aggregated[k].to(exported[k].dtype)) for k in exported)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     verify = subprocess.run([PYTHON, "-m", "pneumoseg", "bundle", "verify", str(sim.results.archive)],
@@ -234,3 +243,12 @@ def test_rounds_log_ignores_metrics_outside_the_closed_list(tmp_path: Path):
     log = RoundsLog.read(tmp_path / "r.jsonl")
     assert log.metrics == {0: {"s1": {"auc": 0.5}}} and log.job_id == "j1"
     assert log.csv_text().splitlines()[1] == "0,s1,,,0.5000,,"
+
+
+def test_report_cli_publishes_from_the_server_run_folder(sim, tmp_path: Path):
+    from pneumoseg.cli import main as cli_main
+
+    assert cli_main(["federated", "report", str(sim.run_dir), "--out", str(tmp_path), "--no-onnx"]) == 0
+    assert (tmp_path / "report" / "rounds.md").read_text() == sim.results.report["markdown"].read_text()
+    assert (tmp_path / "global_bundle.zip").is_file()
+    assert cli_main(["federated", "report", str(tmp_path), "--out", str(tmp_path / "again")]) == 1  # no record

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.model_record import NETWORKS, ModelRecordError, _validate_against
+from pneumoseg.model_record import NETWORKS
 
 __all__ = [
     "METRIC_NAMES",
@@ -59,10 +59,13 @@ class FederatedConfigError(ValueError):
 
 
 def _check(schema: Mapping[str, Any], value: Any, source: str) -> None:
-    try:
-        _validate_against(schema, value, source)
-    except ModelRecordError as err:
-        raise FederatedConfigError(str(err)) from None
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise FederatedConfigError(f"{source}: {where}: {errors[0].message[:200]}{more}")
 
 
 def _read_json(path: Path, what: str) -> Any:
