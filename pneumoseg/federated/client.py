@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     flare.init()
     site_name = flare.get_site_name()
     site = SiteConfig.for_site(site_name)
+    # one folder per job: two jobs at a site never overwrite each other's checkpoints and logs
+    site = dataclasses.replace(site, work_dir=str(Path(site.work_dir) / flare.get_job_id()))
     trainer = BundleSite(values, site, site_name)
     while flare.is_running():
         received = flare.receive()
