@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "infer": "pneumoseg.infer.cli",
     "bundle": "pneumoseg.sharing",
     "serve": "pneumoseg.pacs.cli",
+    "federated": "pneumoseg.federated.cli",
 }
 
 # environment a subcommand needs before torch is imported (an explicit setting by the user wins).
