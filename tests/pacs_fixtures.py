@@ -35,21 +35,16 @@ NETWORK_ARGS = {"decoder_channels": [16, 8, 8, 4, 4], "head_channels": 4, "cls_d
 
 
 def make_tiny_bundle(root: Path, seed: int = 0) -> Path:
-    """The real bundle's configs with a tiny ``network_def`` at 64 px, random weights pushed to confident
-    outputs (masks neither empty nor full), and the model record of the new form beside the weights."""
+    """A bundle as training leaves it (metadata, weights, model record) with a tiny network at 64 px, random
+    weights pushed to confident outputs (masks neither empty nor full), trained on radiographs and CT."""
     from pneumoseg.model_record import CTPreprocessing, ModelRecord
     from pneumoseg.networks import SCSEUNet
 
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
-    for name in ("inference.json", "metadata.json", "postprocessing.json"):
-        shutil.copy(REAL_BUNDLE / "configs" / name, root / "configs" / name)
-    config = json.loads((root / "configs" / "inference.json").read_text())
-    config["network_def"].update(NETWORK_ARGS)
-    config["image_size"] = SIZE
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
+    shutil.copy(REAL_BUNDLE / "configs" / "metadata.json", root / "configs" / "metadata.json")
     torch.manual_seed(seed)
-    net = SCSEUNet(**{k: v for k, v in config["network_def"].items() if k != "_target_"})
+    net = SCSEUNet(**NETWORK_ARGS)
     with torch.no_grad():
         final = [m for m in net.seg_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         final.weight.mul_(50.0)

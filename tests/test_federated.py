@@ -38,12 +38,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory):
+    from pneumoseg.sharing.signing import generate_key
+
+    keys = tmp_path_factory.mktemp("keys")
+    key, public, _ = generate_key(keys / "federation_server")
+    (keys / "trusted").mkdir()
+    (keys / "trusted" / public.name).write_bytes(public.read_bytes())  # what a receiving hospital pins
     config = SimulationConfig(
         out_dir=tmp_path_factory.mktemp("federation"), sites=2, rounds=2, local_epochs=1, images_per_site=20,
         image_size=64, learning_rate=1e-3, warmup_epochs=0, batch_size=4, network={"decoder_channels": DECODER},
-        onnx=False,
+        onnx=False, signing_key=key,
     )  # fmt: skip
-    return simulate(config)
+    result = simulate(config)
+    result.trusted_keys = keys / "trusted"
+    return result
 
 
 def _manifest_strings(site) -> set[str]:
@@ -138,12 +146,14 @@ def test_exported_global_bundle_verifies_and_infers(sim, tmp_path: Path):
     assert all(torch.equal(exported[k], aggregated[k].to(exported[k].dtype)) for k in exported)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    verify = subprocess.run([PYTHON, "-m", "pneumoseg", "bundle", "verify", str(sim.results.archive)],
+    trusted = ["--trusted-keys", str(sim.trusted_keys)]
+    verify = subprocess.run([PYTHON, "-m", "pneumoseg", "bundle", "verify", str(sim.results.archive), *trusted],
                             capture_output=True, text=True, env=env)  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "federation_server" in verify.stdout  # verify names the signer
     received = tmp_path / "received"
     imported = subprocess.run([PYTHON, "-m", "pneumoseg", "bundle", "import", str(sim.results.archive), "--into",
-                               str(received)], capture_output=True, text=True, env=env)  # fmt: skip
+                               str(received), *trusted], capture_output=True, text=True, env=env)  # fmt: skip
     assert imported.returncode == 0, imported.stdout + imported.stderr
     scans = tmp_path / "scans"
     scans.mkdir()

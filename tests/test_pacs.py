@@ -226,13 +226,14 @@ def _queued_seg(tmp_path: Path, queue: NodeQueue) -> str:
     """A real SEG (the runner's writer, on a phantom's header) queued for destination ``pacs``; its UID."""
     import numpy as np
 
-    from pneumoseg.writers import write_dicom_seg
+    from pneumoseg.infer.writers import write_dicom_seg
 
     study = radiograph_study(tmp_path / "in", n=1)
     header = pydicom.dcmread(study.files[0], stop_before_pixels=True)
     mask = np.zeros((1, header.Rows, header.Columns), bool)
     mask[0, 10:20, 10:30] = True
-    path = write_dicom_seg(tmp_path / "seg.dcm", [header], mask, "test", "1", uid_seed="seg")
+    path = tmp_path / "seg.dcm"
+    write_dicom_seg(path, [header], mask, "test", "1", uid_seed="seg")
     sop = str(pydicom.dcmread(path).SOPInstanceUID)
     queue.record_instance(study.study_uid, study.series_uids[0], str(header.SOPInstanceUID), "CR")
     queue.promote_quiet_studies(0.0)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import warnings
 from collections.abc import Mapping
@@ -36,7 +35,15 @@ from typing import Any
 
 from pneumoseg.federated.values import JobValues, SiteConfig, site_metrics
 
-__all__ = ["INSTALLED_BUNDLE", "bundle_overrides", "BundleSite", "outgoing_update", "main"]
+__all__ = [
+    "INSTALLED_BUNDLE",
+    "bundle_overrides",
+    "evaluation_overrides",
+    "job_record",
+    "BundleSite",
+    "outgoing_update",
+    "main",
+]
 
 INSTALLED_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "pneumothorax_scse_unet"
 """The bundle shipped with this pneumoseg: its ``configs/train.json`` and ``configs/evaluate.json`` are the only
@@ -80,18 +87,25 @@ def bundle_overrides(values: JobValues, site: SiteConfig, bundle_root: Path = IN
         "val_interval": _NEVER,
         "early_stop_patience": _NEVER,
         "search_postprocessing": False,
-        "postprocessing_file": str(work / "postprocessing.json"),
     }
     for key, value in values.network.items():
         overrides[f"network_def#{key}"] = list(value) if isinstance(value, (list, tuple)) else value
     return overrides
 
 
-def _postprocessing_defaults(values: JobValues) -> dict[str, Any]:
-    """The record's default post-processing (:class:`~pneumoseg.model_record.PostprocessingThresholds`)."""
-    from pneumoseg.model_record import PostprocessingThresholds
+def evaluation_overrides(training: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`bundle_overrides` for ``evaluate.json``, which reads the network and the input size from the model
+    record (:func:`job_record`), never from overrides."""
+    return {k: v for k, v in training.items() if k != "image_size" and not k.startswith("network_def#")}
 
-    return dataclasses.asdict(PostprocessingThresholds(t_cls=values.operating_threshold))
+
+def job_record(values: JobValues) -> Any:
+    """The model record of the job's network at the job's input size, with the record's default
+    post-processing (the gate at the operating threshold): what evaluation feeds the global model with."""
+    from pneumoseg.model_record import RADIOGRAPH, ModelRecord, NetworkSpec
+
+    network = NetworkSpec("SCSEUNet", values.network).build()
+    return ModelRecord.for_training(network, RADIOGRAPH, values.image_size, values.operating_threshold)
 
 
 class BundleSite:
@@ -110,7 +124,10 @@ class BundleSite:
 
         work = Path(site.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        (work / "postprocessing.json").write_text(json.dumps(_postprocessing_defaults(values), indent=1) + "\n")
+        from pneumoseg.model_record import RECORD_FILE
+
+        # evaluation of the first global model comes before any training writes the record
+        job_record(values).write(work / "models" / RECORD_FILE)
         overrides = bundle_overrides(values, site, bundle_root)
         self.algo = MonaiAlgo(
             bundle_root=str(bundle_root),
@@ -119,7 +136,7 @@ class BundleSite:
             config_train_filename=TRAIN_CONFIGS,
             train_kwargs=dict(overrides),
             config_evaluate_filename=EVALUATE_CONFIGS,
-            eval_kwargs=dict(overrides),
+            eval_kwargs=evaluation_overrides(overrides),
         )
         with warnings.catch_warnings():
             # MonaiAlgo warns that it executes configs provisioned by the FL system; these are the installed

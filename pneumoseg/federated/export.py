@@ -17,7 +17,6 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pneumoseg.federated.client import INSTALLED_BUNDLE
 from pneumoseg.federated.report import RoundsLog
@@ -78,17 +77,6 @@ def _mean_over_sites(final: Mapping[str, Mapping[str, float]]) -> dict[str, floa
     return out
 
 
-def _set_network(config: dict[str, Any], values: JobValues) -> dict[str, Any]:
-    """A bundle config with the job's network arguments, input size and threshold, where it has those keys
-    (the configs that still define the network besides the record)."""
-    if isinstance(config.get("network_def"), dict):
-        config["network_def"].update(values.to_dict()["network"])
-    for key, value in (("image_size", values.image_size), ("operating_threshold", values.operating_threshold)):
-        if key in config:
-            config[key] = value
-    return config
-
-
 def write_global_bundle(
     out: str | os.PathLike,
     weights: str | os.PathLike,
@@ -101,7 +89,7 @@ def write_global_bundle(
     """Write the bundle folder of the global model ``weights`` (the server's ``FL_global_model.pt``)."""
     import torch
 
-    from pneumoseg.model_record import RECORD_FILE, ModelRecord, NetworkSpec, PostprocessingThresholds, load_state_dict
+    from pneumoseg.model_record import RECORD_FILE, load_state_dict
 
     out, template = Path(out), Path(template)
     if out.exists():
@@ -115,21 +103,15 @@ def write_global_bundle(
         elif source.is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, out / name)
-    network = NetworkSpec("SCSEUNet", values.network).build()
+    from pneumoseg.federated.client import job_record
+
+    record = job_record(values)
+    network = record.network.build()
     # strict: every tensor of the network from the aggregate (FedAvg averages BN counters to float; copied back)
     network.load_state_dict(load_state_dict(weights), strict=True)
     (out / "models").mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), out / "models" / "model.pt")
-    record = ModelRecord.for_training(network, "radiograph", values.image_size, values.operating_threshold)
     record.write(out / "models" / RECORD_FILE)
-
-    for path in sorted((out / "configs").glob("*.json")):
-        config = json.loads(path.read_text())
-        if isinstance(config, dict) and ("network_def" in config or "image_size" in config):
-            path.write_text(json.dumps(_set_network(config, values), indent=4) + "\n")
-    pp = dataclasses.asdict(PostprocessingThresholds(t_cls=values.operating_threshold))
-    pp["comment"] = "the model record's defaults (gate at the operating threshold): tune them on local data"
-    (out / "configs" / "postprocessing.json").write_text(json.dumps(pp, indent=1) + "\n")
 
     meta_path = out / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
@@ -162,19 +144,11 @@ def export_signed_bundle(
     overwrite: bool = False,
 ) -> Path:
     """Export ``bundle`` as a sharing archive ``out`` (.zip) with :mod:`pneumoseg.sharing`, signed with
-    ``signing_key`` (an Ed25519 private key of ``pneumoseg bundle keygen``).
-
-    The only call into the sharing package. Its export here (``export_bundle``) writes the archive with its
-    checksum manifest but does not sign yet; signing arrives with the sharing redesign (``export --sign KEY``),
-    and this function is where it is passed on.
-    """
+    ``signing_key`` (an Ed25519 private key of ``pneumoseg bundle keygen``; unsigned without one: receivers
+    then need ``--allow-unsigned``). The only call into the sharing package."""
     from pneumoseg.sharing.export import export_bundle
 
-    if signing_key is not None:
-        raise NotImplementedError(
-            "this pneumoseg's `bundle export` does not sign archives yet; export unsigned (no --signing-key)"
-        )
-    export_bundle(bundle, out, config_file="configs/inference.json", onnx=onnx, overwrite=overwrite)
+    export_bundle(bundle, out, sign=signing_key, onnx=onnx, overwrite=overwrite)
     return Path(out)
 
 

@@ -162,14 +162,12 @@ class Node:
         study_dir.mkdir(parents=True, exist_ok=True)  # a study of refused instances only: an empty input
         try:
             extra = rejection_rows(self.queue.rejections(uid))
-            results = self.processor.process(study_dir, uid, extra_rows=extra)
-            to_send = []
-            for result in results:
-                for f in build_results(result, study_dir, self.config.results):
-                    to_send += [
-                        ResultToSend(f.series_uid, result.model.fingerprint, name, f.sop_uid, uid, f.kind, str(f.path))
-                        for name in self.sender.transports
-                    ]
+            result = self.processor.process(study_dir, uid, extra_rows=extra)
+            to_send = [
+                ResultToSend(f.series_uid, f.model_fingerprint, name, f.sop_uid, uid, f.kind, str(f.path))
+                for f in build_results(result, study_dir, self.config.results)
+                for name in self.sender.transports
+            ]
         except Exception as err:  # this study fails (recorded, visible in the status); the node goes on
             seconds = time.perf_counter() - started
             message = f"{type(err).__name__}: {str(err)[:300]}"
@@ -178,7 +176,7 @@ class Node:
             return
         seconds = time.perf_counter() - started
         state, new = self.queue.finish_study(claim, seconds=seconds, results=to_send)
-        rows = [r for result in results for r in result.rows]
+        rows = result.rows
         log_event(
             "study", study_uid=uid, result=state, scans=len(rows),
             ok=sum(r.get("status") == "ok" for r in rows), errors=sum(r.get("status") == "error" for r in rows),

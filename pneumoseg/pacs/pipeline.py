@@ -6,9 +6,9 @@ per-scan records and report) and nothing here re-implements it. The models are l
 processor is built; each study is one runner run::
 
     processor = StudyProcessor(["bundles/pneumothorax_scse_unet"], "results")
-    for result in processor.process("spool/1.2.3", study_uid="1.2.3"):
-        result.rows          # the report rows (report.csv), one per scan
-        result.output_dir    # results/<model>/<study>/: scans/<scan_id>/{seg.dcm, overlay.png, ...}, report.*
+    result = processor.process("spool/1.2.3", study_uid="1.2.3")
+    result.rows          # the report rows (report.csv), one per scan
+    result.output_dir    # results/<models>/<study>/: scans/<scan_id>/{seg.dcm, overlay.png, ...}, report.*
 
 Resuming is the runner's: a study processed again (new instances, or after a kill) reuses every scan whose
 outputs are complete and verified, so only what changed is computed.
@@ -17,6 +17,7 @@ outputs are complete and verified, so only what changed is computed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pneumoseg.writers import PNEUMOTHORAX_CODE, atomic_write, sanitize_source_header
+from pneumoseg.infer.writers import PNEUMOTHORAX_CODE, atomic_write, sanitize_source_header
 
 __all__ = [
     "PNEUMOTHORAX_CODE",
@@ -47,30 +48,43 @@ class ModelInfo:
     name: str
     version: str
     fingerprint: str
-    folder: str  # results/<folder>/<study>/
 
 
 @dataclass
 class StudyResult:
-    """One model's outputs for one study: ``output_dir`` in ``pneumoseg infer``'s layout and its rows."""
+    """The outputs of one study: ``output_dir`` in ``pneumoseg infer``'s layout, its rows, and the model
+    each image kind went to."""
 
-    model: ModelInfo
+    models: Mapping[str, ModelInfo]
     output_dir: Path
     rows: list[dict[str, Any]]
     exit_code: int
     summary: dict[str, Any] = field(default_factory=dict)
 
+    def model_for(self, row: Mapping[str, Any]) -> ModelInfo | None:
+        """The model that processed a report row (by its scan's image kind), ``None`` if none did."""
+        from pneumoseg.model_record import CT, RADIOGRAPH
 
-def _folder_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+        return self.models.get(CT if row.get("kind") in ("series", "nifti") else RADIOGRAPH)
+
+
+def _folder_name(models: Mapping[str, Any]) -> str:
+    """``<model names>-<fingerprint>``: results of another model set never share a folder (the runner
+    refuses a folder holding another model's outputs)."""
+    from pneumoseg.infer.models import run_fingerprint
+
+    names = "+".join(sorted({m.name for m in models.values()}))
+    digest = hashlib.sha256(run_fingerprint(models).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', names).strip('._') or 'model'}-{digest}"
 
 
 class StudyProcessor:
-    """Load the bundles' models once; run ``pneumoseg infer``'s runner on a study folder per model.
+    """Load the bundles' models once; run ``pneumoseg infer``'s runner on a study folder.
 
     Args:
-        bundle_dirs: trained bundles (``configs/inference.json``, ``models/model.pt``, ...).
-        results_root: results go to ``results_root/<model name>/<study UID>/``.
+        bundle_dirs: trained bundles (``models/model_record.json`` + ``models/model.pt`` each); each image
+            kind goes to the bundle trained on it, as with ``pneumoseg infer --bundle A --bundle B``.
+        results_root: results go to ``results_root/<models>/<study UID>/``.
         device, batch_size, workers, fp32: as ``pneumoseg infer``.
         formats: the runner's output formats (the SEG and the overlay are what the node sends back).
     """
@@ -85,7 +99,7 @@ class StudyProcessor:
         fp32: bool = False,
         formats: str = "seg,png,nifti,overlay",
     ) -> None:
-        from pneumoseg.inference import load_bundle_model, select_device
+        from pneumoseg.infer.models import load_models, select_device
 
         if not bundle_dirs:
             raise ValueError("no bundle given (--bundle DIR or [inference] bundles in the config)")
@@ -95,49 +109,42 @@ class StudyProcessor:
         self.workers = workers
         self.fp32 = fp32
         self.formats = formats
-        self._bundles = [Path(b) for b in bundle_dirs]
-        torch_device = select_device(device)
-        self._models = [load_bundle_model(b, torch_device) for b in self._bundles]
-        folders = [_folder_name(m.name) for m in self._models]
-        if len(set(folders)) != len(folders):  # two versions of one bundle: keep their results apart
-            folders = [f"{f}-{m.fingerprint[:8]}" for f, m in zip(folders, self._models)]
-        self.models = [ModelInfo(m.name, m.version, m.fingerprint, folder) for m, folder in zip(self._models, folders)]
+        self._models = load_models([os.fspath(b) for b in bundle_dirs], select_device(device))
+        self.by_kind = {k: ModelInfo(m.name, m.version, m.fingerprint) for k, m in self._models.items()}
+        self.models = list({m.fingerprint: m for m in self.by_kind.values()}.values())
+        self.folder = _folder_name(self._models)
 
-    def output_dir(self, model: ModelInfo, study_uid: str) -> Path:
-        return self.results_root / model.folder / study_uid
+    def output_dir(self, study_uid: str) -> Path:
+        return self.results_root / self.folder / study_uid
 
     def process(
         self, study_dir: str | os.PathLike, study_uid: str, extra_rows: Sequence[Mapping[str, Any]] = ()
-    ) -> list[StudyResult]:
-        """Run every model on ``study_dir``; ``extra_rows`` (e.g. instances refused at receipt) join each
-        model's report. Raises what the runner raises for a setup problem (the study is then failed)."""
-        from pneumoseg.inference import BatchInferenceRunner
-        from pneumoseg.report import read_report, summarize, write_report
+    ) -> StudyResult:
+        """Run the models on ``study_dir``; ``extra_rows`` (e.g. instances refused at receipt) join the
+        report. Raises what the runner raises for a setup problem (the study is then failed)."""
+        from pneumoseg.infer.report import read_report, summarize, write_report
+        from pneumoseg.infer.runner import BatchInferenceRunner
 
-        results = []
-        for bundle, model, info in zip(self._bundles, self._models, self.models):
-            out = self.output_dir(info, study_uid)
-            runner = BatchInferenceRunner(
-                bundle_root=str(bundle),
-                input_dir=os.fspath(study_dir),
-                output_dir=str(out),
-                formats=self.formats,
-                device=self.device,
-                batch_size=self.batch_size,
-                workers=self.workers,
-                fp32=self.fp32,
-                progress=False,
-            )
-            runner.model = model  # loaded once for every study
-            with contextlib.redirect_stdout(io.StringIO()):  # its summary line: the node logs its own
-                code = runner.run()
-            report = read_report(out / "report.json")
-            rows = list(report["rows"])
-            summary = dict(report.get("summary", {}))
-            if extra_rows:
-                rows += [dict(r) for r in extra_rows]
-                summary = {**summary, **summarize(rows)}
-                write_report(out, rows, summary)
-                code = code or 1
-            results.append(StudyResult(info, out, rows, code, summary))
-        return results
+        out = self.output_dir(study_uid)
+        runner = BatchInferenceRunner(
+            input_dir=os.fspath(study_dir),
+            output_dir=str(out),
+            formats=self.formats,
+            device=self.device,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            fp32=self.fp32,
+            progress=False,
+            models=self._models,  # loaded once for every study
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary line: the node logs its own
+            code = runner.run()
+        report = read_report(out / "report.json")
+        rows = list(report["rows"])
+        summary = dict(report.get("summary", {}))
+        if extra_rows:
+            rows += [dict(r) for r in extra_rows]
+            summary = {**summary, **summarize(rows)}
+            write_report(out, rows, summary)
+            code = code or 1
+        return StudyResult(self.by_kind, out, rows, code, summary)

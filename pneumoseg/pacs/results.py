@@ -14,6 +14,7 @@ instance twice, never two instances.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class ResultFile:
     sop_uid: str
     series_uid: str  # of the source
     scan_id: str
+    model_fingerprint: str  # of the model that made it
 
 
 def source_files(study_dir: Path, row: dict[str, Any]) -> list[Path]:
@@ -55,7 +57,7 @@ def _headers(files: Sequence[Path]) -> list[Any]:
     """Source headers as evidence (missing Type 2 patient / study attributes added empty, as for the SEG)."""
     import pydicom
 
-    return [sanitize_source_header(pydicom.dcmread(f, stop_before_pixels=True))[0] for f in files]
+    return [sanitize_source_header(pydicom.dcmread(f, stop_before_pixels=True)).dataset for f in files]
 
 
 def _uid(*entropy: str) -> str:
@@ -169,22 +171,26 @@ def build_results(result: StudyResult, study_dir: Path, settings: ResultSettings
 
     files: list[ResultFile] = []
     for row in result.rows:
-        if row.get("status") != "ok" or not row.get("series_uid"):
+        model = result.model_for(row)
+        if row.get("status") != "ok" or not row.get("series_uid") or model is None:
             continue
         scan_id, series_uid = str(row["scan_id"]), str(row["series_uid"])
-        seed = f"{scan_id}|{result.model.fingerprint}"
+        seed = f"{scan_id}|{model.fingerprint}"
         folder = result.output_dir / "scans" / scan_id
+        made = functools.partial(
+            ResultFile, series_uid=series_uid, scan_id=scan_id, model_fingerprint=model.fingerprint
+        )
         if settings.seg and row.get("seg"):
             seg_path = result.output_dir / str(row["seg"])
             sop = str(pydicom.dcmread(seg_path, stop_before_pixels=True).SOPInstanceUID)
-            files.append(ResultFile("seg", seg_path, sop, series_uid, scan_id))
+            files.append(made("seg", seg_path, sop))
         if not (settings.sr or settings.secondary_capture):
             continue
         headers = _headers(source_files(study_dir, row))
         if settings.sr:
-            sr = build_sr(row, headers, result.model, seed)
-            files.append(ResultFile("sr", _write(sr, folder / "sr.dcm"), str(sr.SOPInstanceUID), series_uid, scan_id))
+            sr = build_sr(row, headers, model, seed)
+            files.append(made("sr", _write(sr, folder / "sr.dcm"), str(sr.SOPInstanceUID)))
         if settings.secondary_capture and row.get("overlay"):
             sc = build_sc(result.output_dir / str(row["overlay"]), headers[0], row.get("kind") == "series", seed)
-            files.append(ResultFile("sc", _write(sc, folder / "sc.dcm"), str(sc.SOPInstanceUID), series_uid, scan_id))
+            files.append(made("sc", _write(sc, folder / "sc.dcm"), str(sc.SOPInstanceUID)))
     return files
