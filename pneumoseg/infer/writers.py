@@ -49,17 +49,6 @@ TMP_PREFIX = ".tmp-"
 # SNOMED CT codes of the segment (DICOM SEG segmented property type / category)
 PNEUMOTHORAX_CODE = ("36118008", "SCT", "Pneumothorax")
 ABNORMAL_STRUCTURE_CODE = ("49755003", "SCT", "Morphologically abnormal structure")
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
