@@ -414,3 +414,24 @@ def test_cli_help_explains_every_action():
         result = subprocess.run([sys.executable, "-m", "pneumoseg", "bundle", action, "--help"], capture_output=True,
                                 text=True, timeout=60)  # fmt: skip
         assert result.returncode == 0 and "usage: pneumoseg bundle " + action in result.stdout
+
+
+def test_bundle_record_writes_the_record_of_a_bundle_trained_without_one(tmp_path: Path, capsys):
+    from pneumoseg.cli import main
+    from pneumoseg.model_record import ModelRecord, load_trained_model
+    from pneumoseg.networks import SCSEUNet
+
+    kwargs = {"decoder_channels": [16, 8, 8, 4, 4], "head_channels": 4}
+    (tmp_path / "models").mkdir()
+    torch.save({"model": SCSEUNet(**kwargs).state_dict()}, tmp_path / "models" / "model.pt")
+    args = ["bundle", "record", "--bundle", str(tmp_path), "--image-size", "128"]
+    # weights that do not fit the declared network: refused, nothing written
+    assert main(args) == 1
+    assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "model_record.json").exists()
+    assert main([*args, "--network-kwargs", json.dumps(kwargs)]) == 0
+    record = ModelRecord.read(tmp_path / "models" / "model_record.json")
+    assert record.kinds == ("radiograph",) and record.radiograph.image_size == 128
+    assert record.postprocessing.t_cls == record.operating_threshold  # safe defaults until evaluation tunes them
+    assert load_trained_model(tmp_path).record == record
+    assert main([*args, "--network-kwargs", json.dumps(kwargs)]) == 1  # exists: --overwrite to replace

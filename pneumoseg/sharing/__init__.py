@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["add_subcommand", "run"]
 
@@ -85,6 +86,23 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="KEY", help="private key file to write (KEY.pub beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing key pair")
+
+    p = actions.add_parser(
+        "record",
+        help="write the model record of a bundle trained before training wrote one",
+        description="Write BUNDLE/models/model_record.json from the values given here (never from the bundle's "
+        "configs): the image kind and input size the weights were trained at, the network's keyword arguments, "
+        "the operating threshold. The weights must fit the network; post-processing gets the safe defaults "
+        "(gate at the operating threshold) until `evaluate.json` tunes it.",
+    )
+    p.add_argument("--bundle", required=True, help="your bundle folder (with models/model.pt)")
+    p.add_argument("--image-kind", choices=["radiograph", "ct"], default="radiograph", help="kind trained on")
+    p.add_argument("--image-size", type=int, required=True, help="input size the model was trained at")
+    p.add_argument("--operating-threshold", type=float, default=0.5, help="image probability called positive")
+    p.add_argument(
+        "--network-kwargs", default="{}", metavar="JSON", help="SCSEUNet arguments, e.g. '{\"decoder_channels\": [..]}'"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing record")
 
     p = actions.add_parser(
         "export",
@@ -210,6 +228,28 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    import json
+
+    from pneumoseg.model_record import RECORD_FILE, ModelRecord, NetworkSpec, load_trained_model
+
+    path = Path(args.bundle) / "models" / RECORD_FILE
+    if path.exists() and not args.overwrite:
+        raise FileExistsError(f"{path} exists (use --overwrite)")
+    try:
+        kwargs = json.loads(args.network_kwargs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--network-kwargs: not JSON ({err})") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--network-kwargs: a JSON object of SCSEUNet arguments")
+    network = NetworkSpec("SCSEUNet", kwargs).build()
+    record = ModelRecord.for_training(network, args.image_kind, args.image_size, args.operating_threshold)
+    load_trained_model(args.bundle, record=record)  # the weights must fit before anything is written
+    record.write(path)
+    print(f"wrote {path}: {args.image_kind} at {args.image_size} px; run evaluate.json to tune its post-processing")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from pneumoseg.sharing.export import export_bundle
     from pneumoseg.sharing.signing import short
@@ -280,6 +320,7 @@ def _derive(args: argparse.Namespace) -> int:
 
 _ACTIONS = {
     "keygen": _keygen,
+    "record": _record,
     "export": _export,
     "verify": _verify,
     "import": _import,
