@@ -356,7 +356,8 @@ class ModelRecord:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no model record (training writes it beside the weights; a bundle trained before "
-                "pneumoseg 0.2 has none: train it again or write one with `pneumoseg bundle record --bundle DIR --image-size N`)"
+                "pneumoseg 0.2 has none: train it again or write one with "
+                "`pneumoseg bundle record --bundle DIR --image-size N`)"
             )
         if path.stat().st_size > MAX_RECORD_BYTES:
             raise ModelRecordError(f"{path}: {path.stat().st_size} bytes, more than a record can be")
