@@ -10,6 +10,7 @@ import torch
 from monai.inferers import Inferer, SimpleInferer, SliceInferer
 from torch import nn
 
+from pneumoseg.engine.flags import as_flag
 from pneumoseg.networks import SCSEUNetOutput
 
 __all__ = ["AutocastInferer", "DualOutputSliceInferer"]
@@ -21,7 +22,7 @@ class AutocastInferer(SimpleInferer):
 
     def __init__(self, enabled: bool = False, device_type: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        self.enabled = enabled
+        self.enabled = as_flag(enabled, "cpu_bf16")
         self.device_type = device_type
         self.dtype = dtype
 

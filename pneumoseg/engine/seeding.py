@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from pneumoseg.engine.flags import as_flag
+
 __all__ = ["configure_determinism", "seed_random_sources", "EpochSeedHandler"]
 
 
@@ -30,11 +32,12 @@ def configure_determinism(seed: int, deterministic: bool = True) -> None:
     """
     from monai.utils import set_determinism
 
+    deterministic = as_flag(deterministic, "deterministic")
     # MONAI's set_determinism seeds everything but also forces cuDNN deterministic without benchmarking
     set_determinism(seed=int(seed))
-    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class EpochSeedHandler:
