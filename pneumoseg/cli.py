@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pneumoseg.runtime import FAIR_SHARE_ENVIRONMENT
+
 # module that owns each subcommand (imported lazily: `pneumoseg synth --help` need not import torch)
 SUBCOMMANDS: dict[str, str] = {
     "demo": "pneumoseg.demo",
@@ -23,11 +25,12 @@ SUBCOMMANDS: dict[str, str] = {
     "federated": "pneumoseg.federated.cli",
 }
 
-# environment a subcommand needs before torch is imported (an explicit setting by the user wins).
-# infer: the model's OpenMP threads share the cores with the DataLoader workers and the writer thread;
-# GNU OpenMP's default spin-waiting at barriers burns CPU they need. Passive waiting measured +7% scans/s
-# end to end on 2 CPU cores (benchmarks/batch_infer.py); read by libgomp when torch loads it.
-SUBCOMMAND_ENVIRONMENT: dict[str, dict[str, str]] = {"infer": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# environment a subcommand needs before torch is imported (an explicit setting by the user wins): OpenMP
+# threads that sleep instead of spinning while they wait (pneumoseg.runtime). infer: the model's threads share
+# the cores with the DataLoader workers and the writer thread; passive waiting measured +7% scans/s end to end
+# on 2 CPU cores (benchmarks/batch_infer.py). demo: its training and evaluation subprocesses inherit it, so a
+# second job on the machine slows them in proportion to the cores it takes (benchmarks/shared_machine.py).
+SUBCOMMAND_ENVIRONMENT: dict[str, dict[str, str]] = {"infer": FAIR_SHARE_ENVIRONMENT, "demo": FAIR_SHARE_ENVIRONMENT}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -1,4 +1,15 @@
-"""Process-wide memory settings for CPU throughput (glibc malloc); no-ops elsewhere.
+"""Process-wide settings for CPU throughput: memory (glibc malloc) and threads, fair to other jobs.
+
+Threads. PyTorch's CPU kernels run on OpenMP threads (GNU libgomp in the Linux wheels). By default a thread
+that reaches the end of a parallel region spins for a while before it sleeps; when another process takes a
+core, the spinning threads burn the CPU that the thread they wait for needs, and a training beside one other
+training ran 9x slower instead of 2x. ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep at once. libgomp reads it
+when it is loaded (when torch is imported), so it belongs in the environment of the process:
+:data:`FAIR_SHARE_ENVIRONMENT` (set by the ``pneumoseg`` commands, the demo's subprocesses, the documented
+``monai.bundle`` commands); :func:`configure_cpu_threads` then sizes the thread pool (bundle ``initialize``)
+and warns when the policy is missing. Measured in ``benchmarks/shared_machine.py`` (docs/training.md).
+
+Memory (glibc malloc; no-ops elsewhere).
 
 PyTorch's CPU allocator takes every tensor from ``malloc``. By default glibc serves blocks above a
 threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps them on free, so a network's large
@@ -15,8 +26,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FAIR_SHARE_ENVIRONMENT: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Environment a CPU-heavy pneumoseg process needs before torch is imported (an explicit setting wins)."""
 
 # mallopt(3) parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -44,7 +62,7 @@ def retain_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     ``M_TRIM_THRESHOLD``: free memory at the top of the heap is returned to the OS only above this many
     bytes. The resident size then stays near the peak of the run; call :func:`release_freed_memory` to
     return it. Process-wide and not undone (glibc's adaptive threshold stays off once set), so call it
-    from the program that owns the process: ``pneumoseg infer``, the bundle's workflows.
+    from the program that owns the process: ``pneumoseg infer``, the bundle's training and evaluation.
 
     Measured (2-core CPU): model-only in ``benchmarks/batch_infer.py`` (bf16, batch 8, 512 px) 8.7 -> 13.2
     images/s; a training step (256 px, fp32, batch 8) 6.1 -> 7.5 images/s. The price is memory: freed blocks
@@ -72,3 +90,55 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup v2 quota (``cpu.max``, e.g. ``docker --cpus 1.5``), ``None`` without one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, cpusets), capped by a cgroup CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, max(1, int(limit)))
+    return max(1, count)
+
+
+def configure_cpu_threads(num_threads: int | None = None) -> int:
+    """Size PyTorch's intra-op thread pool for this process and check the OpenMP wait policy.
+
+    Args:
+        num_threads: the number of threads; ``None``: ``OMP_NUM_THREADS`` if the environment sets it (torchrun
+            sets 1 per process when it starts several), else the CPUs this process may use
+            (:func:`available_cpus`) shared among the processes of a ``torchrun`` node (``LOCAL_WORLD_SIZE``).
+
+    Returns:
+        the number of threads set. Logs a warning when ``OMP_WAIT_POLICY`` is not ``PASSIVE`` (it cannot be
+        changed once torch is loaded; see the module docstring).
+    """
+    import torch
+
+    if num_threads is None:
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            num_threads = torch.get_num_threads()  # torch applied it when it was loaded
+        else:
+            num_threads = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    num_threads = max(1, int(num_threads))
+    torch.set_num_threads(num_threads)
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    if policy != "PASSIVE":
+        logger.warning(
+            "OMP_WAIT_POLICY is %s, not PASSIVE: beside other busy processes this run can slow down many times "
+            "over (OpenMP threads spin while they wait); start it with OMP_WAIT_POLICY=PASSIVE",
+            policy or "unset",
+        )
+    return num_threads

@@ -2,11 +2,15 @@
 
 One training run is shared (module fixture) by the training, evaluation and inference tests; the
 resume test trains three more short runs. A small decoder keeps every run at a few seconds per epoch.
+The resume logic itself (best metric, early stopping, a worse epoch after a resume) is tested with scripted
+validation scores in test_engine_checkpoints.py; here, that the configs wire it and that a resumed run is the
+straight run.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     result.output = result.stdout + result.stderr  # type: ignore[attr-defined]
     return result
@@ -62,12 +66,12 @@ def _bundle_copy(where: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """`run training` for 2 epochs, launched from the repository root without --bundle_root."""
+    """`run training` for 2 epochs, launched from the repository root (so with --bundle_root)."""
     bundle = _bundle_copy(tmp_path_factory.mktemp("trained"))
     result = _run(
         [PYTHON, "-m", "monai.bundle", "run", "training",
          "--meta_file", str(bundle / "configs/metadata.json"), "--config_file", str(bundle / "configs/train.json"),
-         "--datalist", str(data), "--num_epochs", "2", *TRAIN],
+         "--bundle_root", str(bundle), "--datalist", str(data), "--num_epochs", "2", *TRAIN],
         cwd=REPO,
     )  # fmt: skip
     return bundle, _ok(result)
@@ -100,13 +104,18 @@ def test_train_two_epochs_writes_model_checkpoint_and_metrics(trained):
     fresh = SCSEUNet(decoder_channels=(16, 8, 8, 8, 8))
     CheckpointLoader(str(bundle / "models/model.pt"), {"model": fresh})(SimpleEngine())
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), network.state_dict().values()))
-    # last checkpoint: everything needed to resume
+    # last checkpoint: everything needed to resume, the best metric and early stopping included
     last = torch.load(bundle / "models/checkpoint_last.pt", weights_only=True)
-    assert set(last) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(last) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "early_stop"}
     assert last["trainer"]["epoch_length"] == n_train // 4  # batch 4, drop_last
     assert last["trainer"]["iteration"] == 2 * (n_train // 4)
     history = [json.loads(line) for line in (bundle / "eval/metrics_history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
+    scores = [h["val_siim_dice"] for h in history]
+    best = {"best_metric": pytest.approx(max(scores)), "best_epoch": 1 + scores.index(max(scores))}
+    assert last["best_model"] == best  # a later equal score does not replace the first model to reach it
+    assert last["early_stop"]["best_score"] == pytest.approx(max(scores))
+    assert last["early_stop"]["counter"] == (1 if scores[1] <= scores[0] + 1e-4 else 0)  # min_delta 1e-4
     assert {"val_siim_dice", "val_siim_dice_positive", "val_auc", "val_sensitivity", "val_specificity"} <= set(
         history[-1]
     )
@@ -124,33 +133,44 @@ class SimpleEngine:
         self.logger = __import__("logging").getLogger("test")
 
 
-def test_resume_matches_straight_run(tmp_path: Path, data: Path):
+def test_resume_after_a_validation_matches_straight_run(tmp_path: Path, data: Path):
+    """Stopped after epoch 2 (validated at 1 and 2), resumed: the same validations, best model and states."""
     bundle = _bundle_copy(tmp_path)
     common = [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--datalist", str(data),
-              "--num_epochs", "3", "--val_interval", "3", *TRAIN]  # fmt: skip
+              "--num_epochs", "3", "--val_interval", "1", *TRAIN]  # fmt: skip
     _ok(_run([*common, "--bundle_root", str(tmp_path / "straight")], cwd=bundle))
     stopped = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--stop_epoch", "2"], cwd=bundle))
     assert "stopping after epoch 2" in stopped.output
-    assert not (tmp_path / "resumed/eval/metrics_history.jsonl").exists()  # no validation before epoch 3
     resumed = _ok(_run([*common, "--bundle_root", str(tmp_path / "resumed"), "--resume", "True"], cwd=bundle))
     assert "Epoch: 1/3" not in resumed.output and "Epoch: 3/3" in resumed.output  # went on at epoch 3
 
-    def final(run: str) -> dict:
-        lines = (tmp_path / run / "eval/metrics_history.jsonl").read_text().splitlines()
-        assert len(lines) == 1
-        return json.loads(lines[0])
+    def history(run: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / run / "eval/metrics_history.jsonl").read_text().splitlines()]
 
-    straight, again = final("straight"), final("resumed")
-    assert straight["epoch"] == again["epoch"] == 3
-    for key in ("val_siim_dice", "val_siim_dice_positive", "val_auc"):
-        if straight[key] is None:
-            assert again[key] is None
-        else:
-            assert abs(straight[key] - again[key]) <= 1e-6, key
+    straight, again = history("straight"), history("resumed")
+    assert [h["epoch"] for h in straight] == [h["epoch"] for h in again] == [1, 2, 3]
+    for a_line, b_line in zip(straight, again):
+        for key in ("val_siim_dice", "val_siim_dice_positive", "val_auc"):
+            if a_line[key] is None:
+                assert b_line[key] is None
+            else:
+                assert abs(a_line[key] - b_line[key]) <= 1e-6, key
+
+    def max_difference(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys()
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
     a = torch.load(tmp_path / "straight/models/checkpoint_last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed/models/checkpoint_last.pt", weights_only=True)
     assert a["trainer"] == b["trainer"]
-    assert max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"]) <= 1e-6
+    assert max_difference(a["model"], b["model"]) <= 1e-6
+    # the best metric and the early-stopping state went through the interruption: model.pt is the same model
+    assert b["best_model"]["best_epoch"] == a["best_model"]["best_epoch"]
+    assert b["best_model"]["best_metric"] == pytest.approx(a["best_model"]["best_metric"], abs=1e-6)
+    assert b["early_stop"]["counter"] == a["early_stop"]["counter"]
+    best_a = torch.load(tmp_path / "straight/models/model.pt", weights_only=True)
+    best_b = torch.load(tmp_path / "resumed/models/model.pt", weights_only=True)
+    assert max_difference(best_a, best_b) <= 1e-6
 
 
 def test_evaluate_prints_and_saves_metrics_and_postprocessing(trained, data: Path):
@@ -187,6 +207,19 @@ def test_evaluate_prints_and_saves_metrics_and_postprocessing(trained, data: Pat
     assert record.training["postprocessing_source"] == "validation search"
     assert report["pp_images"] == len(json.loads(data.read_text())["validation"])
     assert not (bundle / "configs/postprocessing.json").exists()
+
+    # any other split is measured with the validation-tuned values the record holds, never tuned on itself
+    tuned = (bundle / "models/model_record.json").read_bytes()
+    refused = _run([*evaluate, "--eval_split", "training", "--search_postprocessing", "True"], cwd=bundle)
+    assert refused.returncode != 0 and "tuned on the validation split ('validation') only" in refused.output
+    other = bundle / "eval/metrics_training.json"
+    _ok(_run([*evaluate, "--eval_split", "training", "--metrics_file", str(other)], cwd=bundle))
+    measured = json.loads(other.read_text())
+    assert measured["split"] == "training" and "siim_dice_after" not in measured  # no search
+    assert measured["postprocessing"] == dataclasses.asdict(record.postprocessing)
+    assert measured["postprocessing_source"] == "validation search"
+    assert (bundle / "models/model_record.json").read_bytes() == tuned  # the record is left as it was
+    assert json.loads((bundle / "eval/metrics.json").read_text()) == report  # the validation report too
 
 
 def test_inference_writes_masks_for_a_folder(trained, tmp_path: Path):
@@ -265,12 +298,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_train_one_epoch(tmp_path: Path, data: Path):
+def test_torchrun_two_processes_train_one_epoch_and_evaluate(tmp_path: Path, data: Path):
     bundle = _bundle_copy(tmp_path)
+    torchrun = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "monai.bundle", "run"]
     result = _ok(
         _run(
-            [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "monai.bundle", "run",
-             "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+            [*torchrun, "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
              "--datalist", str(data), "--num_epochs", "1", *SMALL, "--batch_size", "2", "--val_batch_size", "2"],
             cwd=bundle,
         )
@@ -281,8 +314,24 @@ def test_torchrun_two_processes_train_one_epoch(tmp_path: Path, data: Path):
     n_train = len(json.loads(data.read_text())["training"])
     assert last["trainer"]["iteration"] == n_train // 2 // 2  # per rank: half the images, batch 2
     assert not any(k.startswith("module.") for k in last["model"])  # DDP unwrapped
+    assert last["best_model"]["best_epoch"] == 1
     assert len((bundle / "eval/metrics_history.jsonl").read_text().splitlines()) == 1  # rank 0 alone
     assert len({p.name.split(".")[3] for p in (bundle / "eval").glob("events.out.tfevents.*")}) == 1  # one pid
+    assert result.output.count("Epoch[1] Metrics --") == 1  # rank 0 alone logs (StatsHandler disabled elsewhere)
+
+    evaluated = _ok(
+        _run(
+            [*torchrun, "--config_file",
+             "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']",
+             "--datalist", str(data), "--num_workers", "0", "--val_batch_size", "2"],
+            cwd=bundle,
+        )
+    )  # fmt: skip
+    assert "rank 1 of 2" in evaluated.output
+    report = json.loads((bundle / "eval/metrics.json").read_text())
+    # every rank's validation images in the search and the metrics (all-gathered), one report from rank 0
+    assert report["pp_images"] == len(json.loads(data.read_text())["validation"])
+    assert report["siim_dice_before"] == pytest.approx(report["val_siim_dice"], abs=1e-6)
 
 
 def test_verify_metadata_offline_and_verify_net_in_out(tmp_path: Path):

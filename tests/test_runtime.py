@@ -69,3 +69,45 @@ def test_opt_out_by_environment() -> None:
     out = probe("retain", **{OPT_OUT_VARIABLE: "0"})
     assert out["applied"] is False
     assert out["faults"] > 4 * 16_000
+
+
+# size the thread pool as a bundle's initialize does, optionally on one CPU only (as `taskset -c 0` would)
+THREADS = """
+import json, logging, os, sys
+if sys.argv[2] == "one-cpu":
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+import torch
+from pneumoseg.runtime import available_cpus, configure_cpu_threads
+logging.basicConfig(level=logging.WARNING)
+n = configure_cpu_threads(None if sys.argv[1] == "auto" else int(sys.argv[1]))
+print(json.dumps({"set": n, "torch": torch.get_num_threads(), "cpus": available_cpus()}))
+"""
+
+
+def threads(arg: str, cpus: str = "all", **env: str) -> tuple[dict, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE")}
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS, arg, cpus],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**base, "PYTHONPATH": str(REPO), **env},
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_thread_pool_follows_the_cpus_the_process_may_use() -> None:
+    auto, warning = threads("auto", OMP_WAIT_POLICY="PASSIVE")
+    assert auto["set"] == auto["torch"] == auto["cpus"] == len(os.sched_getaffinity(0))
+    assert "OMP_WAIT_POLICY" not in warning
+    pinned, _ = threads("auto", cpus="one-cpu", OMP_WAIT_POLICY="PASSIVE")
+    assert pinned["set"] == pinned["torch"] == pinned["cpus"] == 1
+    shared, _ = threads("auto", OMP_WAIT_POLICY="PASSIVE", LOCAL_WORLD_SIZE=str(2 * auto["cpus"]))
+    assert shared["torch"] == 1  # torchrun's processes share the node's CPUs, at least one thread each
+    assert threads("auto", OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")[0]["torch"] == 1  # explicit wins
+    assert threads("1", OMP_WAIT_POLICY="PASSIVE")[0]["torch"] == 1
+
+
+def test_missing_passive_wait_policy_is_named() -> None:
+    _, warning = threads("1")
+    assert "OMP_WAIT_POLICY is unset, not PASSIVE" in warning

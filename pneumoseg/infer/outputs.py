@@ -9,7 +9,6 @@ warning naming the output, never a header value) -> the scan's record, last of a
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -99,7 +98,7 @@ class ScanOutputs:
         self.dataset = dataset
         self.models = dict(models)
         self._postprocess = {
-            kind: DualOutputPostprocess(**dataclasses.asdict(model.record.postprocessing))
+            kind: DualOutputPostprocess.from_thresholds(model.record.postprocessing)
             for kind, model in self.models.items()
         }
         self._invert: dict[int, Any] = {}  # MONAI's inversion of each chain, built once
@@ -161,13 +160,15 @@ class ScanOutputs:
         """The model-resolution mask back in the source geometry: MONAI's inversion of the scan's chain."""
         from monai.data import MetaTensor
 
+        from pneumoseg.postprocessing import at_or_above
+
         if not bool(mask_small.any()):  # most scans: the inverse of an empty mask is empty, ~5 ms saved
             return np.zeros(item["shape"], dtype=bool)
         chain = self.dataset.chain(scan, item["affine"], item["shape"])
         invert = self._invert.setdefault(id(chain), self._make_inverse(chain))
         image = MetaTensor(item["image"], meta=item["image_meta"], applied_operations=item["image_ops"])
         pred = MetaTensor(mask_small.float(), meta=dict(image.meta))
-        mask = torch.as_tensor(invert({"image": image, "pred": pred})["pred"])[0].numpy() >= 0.5
+        mask = at_or_above(torch.as_tensor(invert({"image": image, "pred": pred})["pred"])[0].numpy(), 0.5)
         if list(mask.shape) != list(item["shape"]):
             raise RuntimeError(f"{scan.source}: inverted mask {mask.shape} != source {item['shape']}")
         return mask

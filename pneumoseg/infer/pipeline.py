@@ -237,8 +237,8 @@ class InferencePipeline:
             writer.submit(scan, call)
 
     def _volume(self, scan: Scan, item: dict[str, Any], writer: _Writer) -> None:
+        from pneumoseg.engine.inferers import DualOutputSliceInferer
         from pneumoseg.model_record import CT
-        from pneumoseg.workflows import DualOutputSliceInferer
 
         t0 = time.perf_counter()
         try:

@@ -21,6 +21,7 @@ Only aggregates are written, no per-image rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +35,11 @@ __all__ = ["evaluate_site", "rates_at", "youden_threshold", "calibration_bins"]
 
 
 def rates_at(prob: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Sensitivity / specificity of ``prob >= threshold`` (as ``MultiTaskOutputHandler``'s ``pred_label``)."""
-    pred = prob >= threshold
+    """Sensitivity / specificity of calling ``prob`` at or above ``threshold`` positive (pneumoseg's one
+    convention, :func:`pneumoseg.postprocessing.at_or_above`: as the evaluator's ``pred_label``)."""
+    from pneumoseg.postprocessing import at_or_above
+
+    pred = at_or_above(prob, threshold)
     tp, fn = int((pred & truth).sum()), int((~pred & truth).sum())
     tn, fp = int((~pred & ~truth).sum()), int((pred & ~truth).sum())
     return {
@@ -151,16 +155,16 @@ def evaluate_site(
     Markdown text under ``markdown_text``.
     """
     from monai.data import DataLoader, Dataset
-    from monai.metrics import compute_roc_auc
+    from monai.metrics import DiceMetric, compute_roc_auc
     from monai.transforms import Compose, SelectItemsd
 
     from pneumoseg.data.transforms import radiograph_validation_transforms
-    from pneumoseg.metrics import SIIMDiceMetric
+    from pneumoseg.engine.datalist import check_datalist
+    from pneumoseg.metrics import PositiveImageDiceMetric
     from pneumoseg.model_record import RADIOGRAPH, ModelRecord
     from pneumoseg.postprocessing import DualOutputPostprocess
     from pneumoseg.sharing.archive import printable
     from pneumoseg.sharing.metadata import read_json, sender_metrics
-    from pneumoseg.workflows import check_datalist
 
     root = Path(bundle)
     record = ModelRecord.read(root / "models" / "model_record.json")
@@ -184,7 +188,7 @@ def evaluate_site(
     bundle_version = printable(str(meta.get("version", "?")), 40)
     sender_threshold = record.operating_threshold
     pp = record.postprocessing
-    postprocess = DualOutputPostprocess(t_cls=pp.t_cls, top=pp.top, min_area=pp.min_area, bottom=pp.bottom)
+    postprocess = DualOutputPostprocess.from_thresholds(pp)
 
     entries = check_datalist(manifest, split, data_root)
     volumes = [
@@ -197,7 +201,7 @@ def evaluate_site(
     )
     transform = Compose([preprocessing, SelectItemsd(keys=["image", "label"])])
     loader = DataLoader(Dataset(entries, transform), batch_size=batch_size, shuffle=False, num_workers=0)
-    dice_all, dice_pos = SIIMDiceMetric(), SIIMDiceMetric(positive_only=True)
+    dice_all, dice_pos = DiceMetric(ignore_empty=False), PositiveImageDiceMetric()  # SIIM Dice, positive only
     probs, truths = [], []
     with torch.no_grad():
         for batch in loader:
@@ -231,7 +235,7 @@ def evaluate_site(
             "image_size": size,
             "intensity_percentiles": [prep.lower_percentile, prep.upper_percentile],
         },
-        "postprocessing": vars(postprocess.params),
+        "postprocessing": dataclasses.asdict(pp),
         "siim_dice": number(dice_all.aggregate()),
         "siim_dice_positive": number(dice_pos.aggregate()),
         "auc": auc,
@@ -254,7 +258,7 @@ def evaluate_site(
         f"# Site validation: {title}",
         "",
         f"Model `{model_name}` (sha256 `{model_sha[:16]}...`), {len(prob)} images "
-        f"({int(truth.sum())} with pneumothorax), input {size} x {size}, post-processing {vars(postprocess.params)}.",
+        f"({int(truth.sum())} with pneumothorax), input {size} x {size}, post-processing {dataclasses.asdict(pp)}.",
         "",
         "| metric | this site | sender reported |",
         "| --- | --- | --- |",
