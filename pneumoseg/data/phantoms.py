@@ -439,8 +439,9 @@ def _draw_devices(image: np.ndarray, rng: np.random.Generator) -> list[str]:
 def _position(
     image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
-    """Patient positioning: rotation, magnification and a shift of the whole chest (image bilinear, mask
-    nearest, so the mask stays the exact label of the image it goes with); the (degrees, scale, du, dv)."""
+    """Patient positioning: rotation, magnification and a shift of the whole chest (image and mask bilinear,
+    the mask thresholded at 0.5, so it stays the label of the image it goes with; fragments below 5 % of the
+    largest region, which a thin rim resampled can leave, are dropped); the (degrees, scale, du, dv)."""
     size = image.shape[0]
     angle, scale = rng.uniform(-7, 7), rng.uniform(0.9, 1.08)
     shift = rng.uniform(-0.05, 0.05, 2) * size
@@ -449,7 +450,11 @@ def _position(
     centre = (np.asarray(image.shape, float) - 1) / 2
     offset = centre - rot @ (centre + shift)
     moved = ndimage.affine_transform(image, rot, offset, order=1, mode="nearest")
-    moved_mask = ndimage.affine_transform(mask.astype(np.uint8), rot, offset, order=0, mode="constant") > 0
+    moved_mask = ndimage.affine_transform(mask.astype(np.float32), rot, offset, order=1, mode="constant") > 0.5
+    labels, n = ndimage.label(moved_mask, structure=np.ones((3, 3), bool))
+    if n > 1:
+        areas = np.bincount(labels.ravel())[1:]
+        moved_mask = np.isin(labels, 1 + np.flatnonzero(areas >= 0.05 * areas.max()))
     return moved.astype(np.float32), moved_mask, (float(angle), float(scale), float(shift[1]), float(shift[0]))
 
 
