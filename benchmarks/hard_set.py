@@ -80,7 +80,7 @@ def split_entries(manifest_path: Path, split: str) -> list[dict[str, Any]]:
 
     root = manifest_base_dir(manifest_path)
     entries = json.loads(manifest_path.read_text())[split]
-    return [{**e, "image": str(root / e["image"])} for e in entries]
+    return [{**e, **{k: str(root / e[k]) for k in ("image", "label") if k in e}} for e in entries]
 
 
 # ========================================================================================== training
@@ -113,12 +113,14 @@ def train_bundle(
     average_top_k: int = 0,
     train_split: str = "training",
     val_split: str = "validation",
+    overlays: Sequence[str] = (),
 ) -> float:
     """Train a fresh copy of the bundle's configs in ``bundle`` through ``monai.bundle run training``;
-    returns the wall time in seconds. ``average_top_k`` > 0 adds the ``average_top_k.json`` overlay."""
+    returns the wall time in seconds. ``average_top_k`` > 0 adds the ``average_top_k.json`` overlay;
+    ``overlays``: more configs on top of ``train.json`` (e.g. ``ct.json``)."""
     shutil.rmtree(bundle, ignore_errors=True)
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
-    configs = [str(bundle / "configs" / "train.json")]
+    configs = [str(bundle / "configs" / name) for name in ("train.json", *overlays)]
     if average_top_k:
         configs.append(str(bundle / "configs" / "average_top_k.json"))
         overrides = [*overrides, "--average_top_k", str(average_top_k)]

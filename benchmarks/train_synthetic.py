@@ -76,11 +76,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--hard", action="store_true", help="hard phantoms, bundle vs the smp peer (docstring)")
     parser.add_argument(
-        "--phase", choices=("all", "bundle", "peer", "score"), default="all", help="--hard: which part to run"
+        "--ct", action="store_true", help="hard CT phantoms: the 2D slice model (ct.json) vs the same network in 3D"
     )
+    parser.add_argument(
+        "--phase",
+        choices=("all", "bundle", "peer", "score", "2d", "3d"),
+        default="all",
+        help="--hard: bundle | peer | score; --ct: 2d | 3d | score",
+    )
+    parser.add_argument("--epochs-3d", type=int, default=8, help="--ct: epochs of the 3D network")
+    parser.add_argument("--ct-size", type=int, default=64, help="--ct: volume size (in-plane = slices; 64 px)")
     args = parser.parse_args(argv)
     if args.epochs is None:
-        args.epochs = 12 if args.hard else 9
+        args.epochs = 12 if args.hard or args.ct else 9
     return args
 
 
@@ -214,8 +222,58 @@ def main_hard(args: argparse.Namespace) -> int:
     return 0
 
 
+def main_ct(args: argparse.Namespace) -> int:
+    """``--ct``: the 2D slice model trained from CT through ``ct.json`` vs ``SCSEUNet(spatial_dims=3)``, per volume."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import ct_set
+    import hard_set
+
+    from pneumoseg.model_record import load_trained_model
+    from pneumoseg.networks import SCSEUNet
+
+    out = args.out.parent / "train_synthetic_ct" if args.out.name == "train_synthetic" else args.out
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = ct_set.make_ct_data(size=args.ct_size, slices=args.ct_size, seed=args.seed)
+    bundle, results_file = out / "bundle_2d", out / "results.json"
+    if args.phase in ("all", "2d"):
+        print(f"training the 2D slice model through ct.json ({args.epochs} epochs at {args.ct_size} px) ...")
+        seconds = hard_set.train_bundle(bundle, manifest, args.epochs, args.ct_size, args.seed, workers=args.workers,
+                                        overlays=["ct.json"], overrides=["--val_batch_size", "1"])  # fmt: skip
+        ct_set.write_results(results_file, "seconds_2d", seconds)
+    if args.phase in ("all", "3d"):
+        print(f"training SCSEUNet(spatial_dims=3) ({args.epochs_3d} epochs on {args.ct_size}^3 volumes) ...")
+        torch.manual_seed(args.seed)
+        network, history, seconds = ct_set.train_3d(manifest, args.epochs_3d, args.ct_size, args.seed)
+        torch.save(network.state_dict(), out / "model_3d.pt")
+        ct_set.write_results(results_file, "seconds_3d", seconds)
+        ct_set.write_results(results_file, "history_3d", history)
+    if args.phase not in ("all", "score"):
+        return 0
+    data = {split: ct_set.load_volumes(manifest, split, args.ct_size) for split in ("validation", "test")}
+    two_d = load_trained_model(bundle).network
+    three_d = SCSEUNet(spatial_dims=3)
+    three_d.load_state_dict(torch.load(out / "model_3d.pt", weights_only=True))
+    results = ct_set.write_results(results_file, "2D slice model (ct.json)", ct_set.score_volumes(two_d, data, True))
+    results = ct_set.write_results(results_file, "3D network", ct_set.score_volumes(three_d, data, False))
+    print(f"\nhard CT: {len(data['validation'][0])} validation / {len(data['test'][0])} test volumes "
+          f"({args.ct_size}^3; post-processing searched on validation)")  # fmt: skip
+    print("| model | per-volume Dice | positive-only Dice | detection AUC | sensitivity | specificity | "
+          "volume error (mL, positives) | training wall time |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, seconds in (("2D slice model (ct.json)", "seconds_2d"), ("3D network", "seconds_3d")):
+        r = results[name]
+        print(f"| {name} | {r['siim_dice']:.3f} | {r['siim_dice_positive']:.3f} | {r['auc']:.3f} | "
+              f"{r['sensitivity']:.2f} | {r['specificity']:.2f} | {r['volume_error_ml_positive']:.1f} of "
+              f"{r['truth_volume_ml_positive']:.1f} | {results.get(seconds, 0):.0f} s |")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ct:
+        return main_ct(args)
     if args.hard:
         return main_hard(args)
     from pneumoseg.data.manifest import build_siim_manifest, write_manifest
