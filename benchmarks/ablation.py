@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=hard_set.REPO / "bench_out" / "ablation", help="output folder")
     parser.add_argument("--run", help="VARIANT:SEED (a VARIANT of the list, or fold_I for fold I of 3)")
     parser.add_argument("--table", action="store_true", help="print the table of the runs so far")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs")
     parser.add_argument("--image-size", type=int, default=192, help="network input size (multiple of 64)")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes")
     return parser.parse_args(argv)

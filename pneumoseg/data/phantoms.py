@@ -274,15 +274,15 @@ class _SubtlePneumothorax:
 def _draw_subtle_pneumothorax(rng: np.random.Generator) -> _SubtlePneumothorax:
     kind = PNEUMOTHORAX_KINDS[int(rng.choice(3, p=[0.35, 0.35, 0.3]))]
     if kind == "apical":  # collapse about a point low in the lung: the air collects over the apex
-        sv, su, hilum_u, hilum_v = rng.uniform(0.92, 0.97), rng.uniform(0.985, 1.0), 0.2, 0.95
+        sv, su, hilum_u, hilum_v = rng.uniform(0.9, 0.96), rng.uniform(0.985, 1.0), 0.2, 0.95
     elif kind == "lateral rim":  # collapse towards the mediastinum: a thin band along the lateral wall
-        su, sv, hilum_u, hilum_v = rng.uniform(0.88, 0.95), rng.uniform(0.97, 0.995), 0.9, 0.2
+        su, sv, hilum_u, hilum_v = rng.uniform(0.86, 0.94), rng.uniform(0.97, 0.995), 0.9, 0.2
     else:
         sv = rng.uniform(0.78, 0.92)
         su, hilum_u, hilum_v = min(0.98, sv * rng.uniform(1.0, 1.1)), 0.55, 0.55
-    pleura = 0.0 if rng.uniform() < 0.3 else rng.uniform(0.02, 0.07)
+    pleura = 0.0 if rng.uniform() < 0.15 else rng.uniform(0.03, 0.08)
     return _SubtlePneumothorax(
-        kind, float(su), float(sv), hilum_u, hilum_v, float(rng.uniform(0.15, 0.6)), float(rng.uniform(0.0, 0.03)),
+        kind, float(su), float(sv), hilum_u, hilum_v, float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.01, 0.04)),
         float(pleura), float(rng.uniform(1.0, 2.0)),
     )  # fmt: skip
 
