@@ -19,6 +19,7 @@ project states are checked at the end (PASS/MISS). Run::
 
     .venv/bin/python benchmarks/network.py            # full run (sizes 256 and 512, ~10 min on 2 cores)
     .venv/bin/python benchmarks/network.py --quick    # smoke run (256 px, few repeats)
+    .venv/bin/python benchmarks/network.py --trained BUNDLE   # bf16 vs fp32 on trained weights, hard phantoms
 """
 
 from __future__ import annotations
@@ -477,6 +478,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table and targets to this JSON file")
+    parser.add_argument(
+        "--trained",
+        type=Path,
+        default=None,
+        metavar="BUNDLE",
+        help="instead: bf16 vs fp32 probabilities of this trained bundle (record + models/model.pt) on hard phantoms",
+    )
+    parser.add_argument("--trained-images", type=int, default=16, help="--trained: phantom images (default: 16)")
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([256] if args.quick else [256, 512])
     args.batch = args.batch or (2 if args.quick else None)
@@ -487,9 +496,95 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Float32(nn.Module):
+    """Run ``module`` in fp32 inside an autocast region (inputs cast up, autocast off)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: Any) -> Any:
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type, enabled=False):
+            return self.module(*[_to_float(x) for x in inputs])
+
+
+def _to_float(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    return [_to_float(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def trained_inputs(record: Any, count: int, seed: int) -> torch.Tensor:
+    """``count`` hard phantom radiographs (half positive) through the record's inference preprocessing."""
+    import numpy as np
+    from monai.data import MetaTensor
+
+    from pneumoseg.data.phantoms import make_radiograph_phantom
+    from pneumoseg.data.transforms import radiograph_inference_transforms
+
+    pp = record.radiograph
+    chain = radiograph_inference_transforms(pp.image_size, pp.lower_percentile, pp.upper_percentile, load=False)
+    images = []
+    for i in range(count):
+        image, _ = make_radiograph_phantom(pp.image_size * 2, i % 2 == 0, np.random.default_rng([seed, i]), hard=True)
+        images.append(chain({"image": MetaTensor(torch.as_tensor(image.astype(np.float32))[None])})["image"])
+    return torch.stack([torch.as_tensor(x) for x in images])
+
+
+def trained_precision_report(bundle: Path, count: int, seed: int, device: torch.device) -> list[dict[str, Any]]:
+    """bf16 + channels_last vs fp32 segmentation and image probabilities of a TRAINED model on phantom inputs:
+    the whole network in bf16, and with parts kept in fp32 (the encoder's last stage; the segmentation head)."""
+    from pneumoseg.model_record import load_trained_model
+
+    trained = load_trained_model(bundle, device)
+    images = trained_inputs(trained.record, count, seed).to(device)
+    reduced = reduced_precision(device)
+    base = trained.network.eval()
+    with torch.inference_mode():
+        ref = base(images)
+    ref_seg, ref_cls = torch.sigmoid(ref.seg.float()), torch.sigmoid(ref.cls.float())
+    variants: dict[str, Callable[[nn.Module], None]] = {
+        "bf16 everywhere": lambda net: None,
+        "encoder layer4 + scSE in fp32": lambda net: (
+            setattr(net.encoder, "layer4", Float32(net.encoder.layer4)),
+            net.encoder.scse.__setitem__(4, Float32(net.encoder.scse[4])),
+        ),
+        "segmentation head in fp32": lambda net: setattr(net, "seg_head", Float32(net.seg_head)),
+    }
+    rows = []
+    for name, change in variants.items():
+        net = copy.deepcopy(base)
+        change(net)
+        net, x = as_format(net, images, reduced)
+        with torch.inference_mode(), reduced.context(device):
+            out = net.eval()(x)
+        seg, cls = torch.sigmoid(out.seg.float()), torch.sigmoid(out.cls.float())
+        diff = (seg - ref_seg).abs()
+        rows.append({
+            "variant": name, "seg_prob_mad": float(diff.mean()), "seg_prob_max": float(diff.max()),
+            "mask_pixels_flipped": float(((seg > 0.5) != (ref_seg > 0.5)).float().mean()),
+            "cls_prob_max_abs_diff": float((cls - ref_cls).abs().max()),
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.trained is not None:
+        rows = trained_precision_report(args.trained, args.trained_images, args.seed, device)
+        print(f"# trained weights: {args.trained} ({args.trained_images} hard phantoms at the record's input size)")
+        print("| precision | seg prob mean abs diff vs fp32 | max | mask pixels flipped at 0.5 | image prob max diff |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in rows:
+            verdict = "PASS" if r["seg_prob_mad"] <= MAX_PROB_MAD else "MISS"
+            mad = f"{r['seg_prob_mad']:.2e} ({verdict} <= {MAX_PROB_MAD:g})"
+            print(f"| {r['variant']} | {mad} | {r['seg_prob_max']:.3f} | {r['mask_pixels_flipped']:.2e} "
+                  f"| {r['cls_prob_max_abs_diff']:.3f} |")  # fmt: skip
+        if args.json is not None:
+            args.json.write_text(json.dumps({"trained": str(args.trained), "rows": rows}, indent=2) + "\n")
+        return 0
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     bf16_native, bf16_evidence = cpu_bf16_support()

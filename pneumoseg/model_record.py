@@ -168,6 +168,7 @@ NETWORKS: Mapping[str, NetworkType] = {
             "norm": {"enum": ["batch", "instance"]},
             "upsample_mode": {"enum": ["nearest", "bilinear"]},
             "pad_input": {"type": "boolean"},
+            "encoder_scse": {"type": "boolean"},
         },
     ),
 }

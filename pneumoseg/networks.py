@@ -153,6 +153,7 @@ class ResNet34Encoder(nn.Module):
         reduction: scSE reduction ratio r.
         pretrained_path: optional local torchvision-layout ``resnet34`` checkpoint (2D only);
             see :func:`load_torchvision_resnet34`. Nothing is ever downloaded.
+        scse: correct every stage by scSE (the patent); ``False`` leaves the plain ResNet34 stages (ablation).
 
     ``forward`` returns the five scSE-corrected stage outputs, patent layers 1..5::
 
@@ -167,6 +168,7 @@ class ResNet34Encoder(nn.Module):
         in_channels: int = 1,
         reduction: int = 16,
         pretrained_path: str | os.PathLike | None = None,
+        scse: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -183,7 +185,9 @@ class ResNet34Encoder(nn.Module):
         self.layer2 = trunk.layer2
         self.layer3 = trunk.layer3
         self.layer4 = trunk.layer4
-        self.scse = nn.ModuleList([SCSEBlock(spatial_dims, c, reduction) for c in self.out_channels])
+        self.scse = nn.ModuleList(
+            [SCSEBlock(spatial_dims, c, reduction) if scse else nn.Identity() for c in self.out_channels]
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features: list[torch.Tensor] = []
@@ -426,6 +430,8 @@ class SCSEUNet(nn.Module):
         reduction: scSE reduction ratio r (the bottleneck never drops below 1 unit).
         head_channels: channels of the hypercolumn head's 1x1 reduction.
         hypercolumn: fuse all decoder outputs (patent S2.6); ``False`` for the ablation.
+        encoder_scse: scSE after every encoder stage (patent claim 2); ``False`` for the ablation (the
+            decoder keeps its scSE).
         cls_dropout: dropout before the classification layer.
         norm: normalisation of the decoder convolutions (MONAI norm factory name).
         upsample_mode: interpolation of the decoder blocks' x2 up-sampling.
@@ -450,6 +456,7 @@ class SCSEUNet(nn.Module):
         upsample_mode: str = "nearest",
         pad_input: bool = True,
         pretrained_path: str | os.PathLike | None = None,
+        encoder_scse: bool = True,
     ) -> None:
         super().__init__()
         # the constructor arguments, for the model record (pneumoseg.model_record.describe_network): what
@@ -458,12 +465,12 @@ class SCSEUNet(nn.Module):
             "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
             "decoder_channels": [int(c) for c in decoder_channels], "reduction": reduction,
             "head_channels": head_channels, "hypercolumn": hypercolumn, "cls_dropout": cls_dropout,
-            "norm": norm, "upsample_mode": upsample_mode, "pad_input": pad_input,
+            "norm": norm, "upsample_mode": upsample_mode, "pad_input": pad_input, "encoder_scse": encoder_scse,
         }  # fmt: skip
         self.spatial_dims = spatial_dims
         self.pad_input = pad_input
         self.total_stride = TOTAL_STRIDE  # an attribute, since TorchScript cannot read module globals
-        self.encoder = ResNet34Encoder(spatial_dims, in_channels, reduction, pretrained_path)
+        self.encoder = ResNet34Encoder(spatial_dims, in_channels, reduction, pretrained_path, encoder_scse)
         self.decoder = UNetDecoder(
             spatial_dims, ResNet34Encoder.out_channels, decoder_channels, reduction, norm, upsample_mode
         )

@@ -128,6 +128,40 @@ def test_hypercolumn_flag_switches_fusion():
         assert without.eval()(torch.randn(1, 1, 64, 64)).seg.shape == (1, 1, 64, 64)
 
 
+def test_encoder_scse_flag_removes_only_the_encoder_attention():
+    torch.manual_seed(0)
+    full = SCSEUNet(decoder_channels=SMALL_DECODER)
+    torch.manual_seed(0)
+    plain = SCSEUNet(decoder_channels=SMALL_DECODER, encoder_scse=False)
+    assert all(isinstance(m, SCSEBlock) for m in full.encoder.scse)
+    assert not any(isinstance(m, SCSEBlock) for m in plain.encoder.modules())
+    assert all(isinstance(b.scse, SCSEBlock) for b in plain.decoder.blocks)  # the decoder keeps its scSE
+    # the encoder is then exactly the ResNet34 trunk: its stage outputs are the trunk's
+    x = torch.randn(1, 1, 64, 64)
+    plain.eval()
+    with torch.no_grad():
+        features = plain.encoder(x)
+        e = plain.encoder
+        stem = e.act(e.bn1(e.conv1(x)))
+        torch.testing.assert_close(features[0], stem)
+        torch.testing.assert_close(features[4], e.layer4(e.layer3(e.layer2(e.layer1(e.maxpool(stem))))))
+    removed = sum(p.numel() for p in full.encoder.scse.parameters())
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert removed > 0 and count(full) - count(plain) == removed
+
+
+@pytest.mark.parametrize("kwargs", [{"encoder_scse": False}, {"hypercolumn": False}])
+def test_ablation_switches_travel_with_the_model_record(kwargs):
+    from pneumoseg.model_record import ModelRecord, describe_network
+
+    net = SCSEUNet(decoder_channels=SMALL_DECODER, **kwargs)
+    record = ModelRecord.from_dict(ModelRecord.for_training(net, image_size=64).to_dict())
+    assert {k: record.network.kwargs[k] for k in kwargs} == kwargs
+    rebuilt = record.network.build()
+    assert rebuilt.state_dict().keys() == net.state_dict().keys()
+    assert describe_network(rebuilt) == describe_network(net)
+
+
 def _backward_once(net: SCSEUNet) -> None:
     x = torch.randn(2, 1, 64, 64)
     mask = torch.zeros(2, 1, 64, 64)

@@ -188,7 +188,7 @@ def test_cli_help_explains_every_option_and_synth_runs(tmp_path: Path) -> None:
     flat_help = " ".join(help_text.split())
     options = [
         "--radiographs", "--size", "--ct", "--ct-size", "--ct-slices", "--positive-fraction", "--seed",
-        "--compressed-fraction", "--monochrome1-fraction", "--workers", "--overwrite",
+        "--compressed-fraction", "--monochrome1-fraction", "--workers", "--overwrite", "--hard",
     ]  # fmt: skip
     parser = build_parser(only="synth")
     synth = parser._subparsers._group_actions[0].choices["synth"]
@@ -212,3 +212,126 @@ def test_cli_help_explains_every_option_and_synth_runs(tmp_path: Path) -> None:
         [*cmd, str(out), "--radiographs", "1", "--size", "64", "--ct", "0"], capture_output=True, text=True
     )
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+# ------------------------------------------------------------------------------------------- hard mode
+
+
+def _hard(index: int, positive: bool, size: int = SIZE) -> tuple:
+    return phantoms.make_radiograph_phantom(
+        size, positive, np.random.default_rng([11, index]), hard=True, return_features=True
+    )
+
+
+def test_hard_radiographs_are_deterministic_by_seed() -> None:
+    image, mask, features = _hard(0, True)
+    again, again_mask, again_features = _hard(0, True)
+    assert np.array_equal(image, again) and np.array_equal(mask, again_mask) and features == again_features
+    other, other_mask, _ = _hard(1, True)
+    assert not np.array_equal(image, other) and not np.array_equal(mask, other_mask)
+
+
+def test_hard_radiographs_hold_what_they_claim() -> None:
+    positives = [_hard(i, True) for i in range(24)]
+    negatives = [_hard(100 + i, False) for i in range(12)]
+    kinds = [kind for _, _, f in positives for _, kind, _ in f.pneumothorax]
+    assert set(kinds) == set(phantoms.PNEUMOTHORAX_KINDS)
+    for _, mask, features in positives:
+        assert features.hard and mask.any() and features.pneumothorax
+        sides = {side for side, _, _ in features.pneumothorax}
+        # the patient's right lung is on the image's left
+        assert mask[:, : SIZE // 2].any() == ("right" in sides) and mask[:, SIZE // 2 :].any() == ("left" in sides)
+        if features.pneumothorax[0][1] == "apical" and len(sides) == 1:
+            rows = np.nonzero(mask)[0]
+            assert rows.mean() < 0.45 * SIZE  # over the apex, not along the whole wall
+    assert any(len(f.pneumothorax) == 2 for _, _, f in positives)  # bilateral
+    assert any(pleura == 0.0 for _, _, f in positives for *_, pleura in f.pneumothorax)  # no pleural line
+    # mimics and devices on negative images too, whose masks stay empty
+    assert all(not mask.any() for _, mask, _ in negatives)
+    assert any(f.skin_folds for _, _, f in negatives) and any(f.devices for _, _, f in negatives)
+    assert {d for _, _, f in positives + negatives for d in f.devices} == {"chest tube", "central line", "ECG leads"}
+    assert len({f.positioning for _, _, f in negatives}) == len(negatives)
+    # subtler than the easy mode: smaller air gaps; exposure varies more from image to image
+    easy = [phantoms.make_radiograph_phantom(SIZE, True, np.random.default_rng([11, i])) for i in range(24)]
+    assert np.median([m.sum() for _, m, _ in positives]) < 0.7 * np.median([m.sum() for _, m in easy])
+    hard_means = [(im / im.max()).mean() for im, _, _ in positives]
+    assert np.std(hard_means) > np.std([(im / im.max()).mean() for im, _ in easy])
+
+
+def test_hard_gap_keeps_faded_markings_where_the_easy_gap_has_none() -> None:
+    # the same lung drawn without noise: the easy gap is flat air, the hard one still carries vessel texture
+    rng = np.random.default_rng(5)
+    vessels = np.zeros((512, 512), np.float32)
+    vessels[::8, :] = 1.0  # horizontal "markings" every 8 rows of the canvas
+    grid = np.linspace(-1, 1, 256, dtype=np.float32)
+    lung = phantoms._Lung(-0.4, -0.1, 0.3, 0.58, 1)
+    bg = phantoms._Background(np.zeros((4, 4), np.float32), (0.0, 0.0), (5.0, 5.0), (0.1, 0.1))
+    subtle = phantoms._SubtlePneumothorax("moderate", 0.8, 0.8, 0.55, 0.55, 0.5, 0.0, 0.0, 1.5)
+    spreads = []
+    for style in (None, subtle):
+        image, mask = np.zeros((256, 256), np.float32), np.zeros((256, 256), bool)
+        phantoms._draw_lung(image, mask, lung, grid, grid, bg, vessels, 0.3, rng, style)
+        spreads.append(float(np.std(image[mask])))
+    assert spreads[0] < 1e-6 < 0.01 < spreads[1]
+
+
+def test_hard_synthesis_writes_monochrome1_and_rle_files_with_exact_masks(tmp_path: Path) -> None:
+    summary = phantoms.synthesize(
+        tmp_path, radiographs=8, size=64, ct=2, ct_size=32, ct_slices=8, seed=2, workers=1, hard=True,
+        compressed_fraction=1.0, monochrome1_fraction=0.5,
+    )  # fmt: skip
+    assert summary.radiographs_positive == 4 and summary.ct_positive == 1
+    rows = read_siim_csv(tmp_path / phantoms.RLE_CSV)
+    cases = phantoms.plan_radiographs(8, 2, 64, 0.5, 1.0, 0.5, hard=True)
+    photometrics, syntaxes = set(), set()
+    for case in cases:
+        assert case.hard
+        ds = pydicom.dcmread(tmp_path / case.relative_path)
+        photometrics.add(ds.PhotometricInterpretation)
+        syntaxes.add(ds.file_meta.TransferSyntaxUID)
+        _, mask = phantoms.draw_radiograph_case(case, 2, 64)
+        assert rows[case.sop_uid] == phantoms.mask_to_rle_rows(mask)
+    assert photometrics == {"MONOCHROME1", "MONOCHROME2"}
+    assert phantoms.TRANSFER_SYNTAXES["rle"] in syntaxes
+    for case in phantoms.plan_ct(2, 2, hard=True):
+        hu, mask, _ = phantoms.draw_ct_case(case, 2, 32, 8)
+        label = nib.load(tmp_path / phantoms.CT_NIFTI_DIR / "labels" / f"{case.name}.nii.gz")
+        assert np.array_equal(np.asarray(label.dataobj) > 0, mask)
+
+
+def test_hard_ct_holds_what_it_claims() -> None:
+    drawn = [
+        phantoms.make_ct_phantom(48, 16, i % 2 == 0, np.random.default_rng([12, i]), hard=True, return_features=True)
+        for i in range(12)
+    ]
+    again = phantoms.make_ct_phantom(48, 16, True, np.random.default_rng([12, 0]), hard=True)
+    assert np.array_equal(again[0], drawn[0][0]) and np.array_equal(again[1], drawn[0][1])
+    assert len({round(spacing[2], 3) for _, _, spacing, _ in drawn}) == len(drawn)  # slice spacing varies
+    assert len({round(f.noise_hu) for *_, f in drawn}) > 6
+    kinds = {kind for *_, f in drawn for kind, _ in f.pneumothorax}
+    assert kinds == {"small anterior", "moderate"}
+    for hu, mask, _, features in drawn:
+        assert mask.any() == bool(features.pneumothorax)
+        if features.pneumothorax and features.pneumothorax[0][0] == "small anterior":
+            # the air lies in front of the lung (J runs anterior -> posterior) and is small
+            lung_j = np.nonzero((hu > -950) & (hu < -600))[1].mean()
+            assert np.nonzero(mask)[1].mean() < lung_j and mask.mean() < 0.01
+    assert any(f.bullae for *_, f in drawn) and any(f.emphysema for *_, f in drawn)
+
+
+def test_ct_mimics_are_air_inside_the_lungs_and_never_in_the_pneumothorax() -> None:
+    shape = (40, 40, 20)
+    grid = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    xyz = (grid[0][:, None, None], grid[1][None, :, None], grid[2][None, None, :])
+    lungs = np.zeros(shape, bool)
+    lungs[5:35, 5:35, 2:18] = True
+    mask = np.zeros(shape, bool)
+    mask[5:12, 5:35, 2:18] = True  # a pneumothorax along one side
+    for seed in range(6):
+        hu = np.where(lungs, -850.0, 40.0).astype(np.float32)
+        hu[mask] = -1000.0
+        bullae, emphysema = phantoms._draw_ct_mimics(hu, lungs, mask, xyz, np.random.default_rng(seed))
+        changed = hu != np.where(mask, -1000.0, np.where(lungs, -850.0, 40.0))
+        assert changed.any() == (bullae > 0 or emphysema)
+        assert not (changed & ~lungs).any() and not (changed & mask).any()
+        assert (hu[changed] <= -700).all()

@@ -48,8 +48,11 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 __all__ = [
+    "PNEUMOTHORAX_KINDS",
     "RadiographCase",
+    "RadiographFeatures",
     "CTCase",
+    "CTFeatures",
     "SynthSummary",
     "make_radiograph_phantom",
     "make_ct_phantom",
@@ -199,8 +202,11 @@ class _Background:
     heart_r: tuple[float, float]
 
 
-def _chest_background(rng: np.random.Generator, base: int) -> _Background:
-    """Body, shoulders, mediastinum, spine, heart, posterior ribs, clavicles at ``base x base``."""
+def _chest_background(rng: np.random.Generator, base: int, hard: bool = False) -> _Background:
+    """Body, shoulders, mediastinum, spine, heart, posterior ribs, clavicles at ``base x base``.
+
+    ``hard``: denser posterior ribs with sharper cortices, and anterior ribs (fainter, descending laterally),
+    so that rib edges cross the apical and lateral pleura as they do on real films."""
     f32 = np.float32
     ub = np.linspace(-1, 1, base, dtype=f32)[None, :]
     vb = np.linspace(-1, 1, base, dtype=f32)[:, None]
@@ -231,7 +237,54 @@ def _chest_background(rng: np.random.Generator, base: int) -> _Background:
     clavicle = np.exp(-(((v0 - (-0.72 + 0.22 * (au - 0.3) ** 2 - 0.05 * au)) / 0.03) ** 2)) * expit((0.55 - au) * 30)
     tissue += body * (0.065 * ribs + 0.1 * clavicle)
     tissue += 0.03 * _smooth_noise(rng, (base, base), 6) * body
+    if hard:  # drawn after everything else, so the easy mode's random stream is unchanged
+        tissue += body * rng.uniform(0.02, 0.05) * ribs
+        anterior = np.zeros_like(tissue)
+        top_a, gap_a = rng.uniform(-0.6, -0.45), rng.uniform(0.15, 0.19)
+        for i in range(5):
+            curve = top_a + i * gap_a + 0.35 * au - 0.25 * au * au
+            anterior += np.exp(-(((v0 - curve) / (0.8 * thick)) ** 2)) * ((au > 0.12) & (au < body_w * 0.9))
+        tissue += body * rng.uniform(0.03, 0.05) * anterior
     return _Background(tissue.astype(f32), (shift_u, shift_v), heart_c, heart_r)
+
+
+PNEUMOTHORAX_KINDS = ("apical", "lateral rim", "moderate")
+"""Kinds of hard-mode pneumothorax: a small apical cap, a thin rim along the lateral chest wall, a moderate
+collapse (the easy mode's smaller half)."""
+
+
+@dataclass(frozen=True)
+class _SubtlePneumothorax:
+    """A hard-mode pneumothorax: collapse factors ``su`` / ``sv`` (1 = none) about a point at
+    (``hilum_u`` x half width towards the mediastinum, ``hilum_v`` x half height below the lung centre), the
+    fraction of the lung markings left in the gap, its extra lucency and the visceral pleural line
+    (brightness, 0 = absent; width in pixels)."""
+
+    kind: str
+    su: float
+    sv: float
+    hilum_u: float
+    hilum_v: float
+    gap_markings: float
+    lucency: float
+    pleura: float
+    pleura_px: float
+
+
+def _draw_subtle_pneumothorax(rng: np.random.Generator) -> _SubtlePneumothorax:
+    kind = PNEUMOTHORAX_KINDS[int(rng.choice(3, p=[0.35, 0.35, 0.3]))]
+    if kind == "apical":  # collapse about a point low in the lung: the air collects over the apex
+        sv, su, hilum_u, hilum_v = rng.uniform(0.9, 0.96), rng.uniform(0.985, 1.0), 0.2, 0.95
+    elif kind == "lateral rim":  # collapse towards the mediastinum: a thin band along the lateral wall
+        su, sv, hilum_u, hilum_v = rng.uniform(0.86, 0.94), rng.uniform(0.97, 0.995), 0.9, 0.2
+    else:
+        sv = rng.uniform(0.78, 0.92)
+        su, hilum_u, hilum_v = min(0.98, sv * rng.uniform(1.0, 1.1)), 0.55, 0.55
+    pleura = 0.0 if rng.uniform() < 0.15 else rng.uniform(0.03, 0.08)
+    return _SubtlePneumothorax(
+        kind, float(su), float(sv), hilum_u, hilum_v, float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.01, 0.04)),
+        float(pleura), float(rng.uniform(1.0, 2.0)),
+    )  # fmt: skip
 
 
 def _draw_lung(
@@ -244,11 +297,13 @@ def _draw_lung(
     vessels: np.ndarray,
     lung_dark: float,
     rng: np.random.Generator | None,
+    subtle: _SubtlePneumothorax | None = None,
 ) -> None:
     """Darken ``lung`` into ``image`` with its markings, in place, within the lung's bounding box.
 
     With ``rng`` (the pneumothorax side) the lung collapses towards a lower-medial point: the gap to the
     chest wall becomes marking-free air bounded by a bright pleural line, and is added to ``mask``.
+    ``subtle`` (hard mode) replaces the collapse, the gap's look and the pleural line by its values.
     """
     res = vessels.shape[0]
     c0, c1 = np.searchsorted(u, [lung.cx - 1.4 * lung.a, lung.cx + 1.4 * lung.a])
@@ -260,7 +315,11 @@ def _draw_lung(
     # collapsed-lung coordinates: identity unless this lung has the pneumothorax
     su = sv = 1.0
     hu_, hv_ = lung.hilum()
-    if rng is not None:
+    if subtle is not None:
+        su, sv = subtle.su, subtle.sv
+        hu_ = lung.cx + lung.medial * subtle.hilum_u * lung.a
+        hv_ = lung.cy + subtle.hilum_v * lung.b
+    elif rng is not None:
         kind = rng.uniform()
         sv = rng.uniform(0.9, 0.97) if kind < 0.35 else rng.uniform(0.6, 0.9)  # small apical rim .. large
         su = min(0.98, sv * rng.uniform(1.0, 1.12))
@@ -286,7 +345,18 @@ def _draw_lung(
     density = 1.0 + 0.6 * (1 - su * sv)
     sub -= lung_dark * inside
     sub += collapsed * (0.16 * markings * density + 0.03 * (density - 1))
-    if rng is not None:
+    if subtle is not None:
+        # markings only faded in the gap (lung in front of / behind the air still projects onto it), little
+        # extra lucency, a faint or absent visceral pleural line
+        if subtle.gap_markings > 0:
+            grow, gcol = np.nonzero(gap)
+            at = np.stack([(vv[grow, 0] + 1) * (res - 1) / 2, (uu[0, gcol] + 1) * (res - 1) / 2])
+            sub[grow, gcol] += 0.16 * subtle.gap_markings * ndimage.map_coordinates(vessels, at, order=1)
+        sub -= subtle.lucency * gap
+        pleura_w = subtle.pleura_px * (2.0 / image.shape[1]) / (lung.a * su)
+        sub += subtle.pleura * (collapsed & (collapsed_level > 1 - pleura_w))
+        mask[r0:r1, c0:c1] |= gap
+    elif rng is not None:
         sub -= 0.05 * gap  # hyperlucent: no lung tissue at all
         pleura_w = rng.uniform(1.5, 2.5) * (2.0 / image.shape[1]) / (lung.a * su)  # 1.5-2.5 pixels
         pleura = collapsed & (collapsed_level > 1 - pleura_w)
@@ -294,15 +364,136 @@ def _draw_lung(
         mask[r0:r1, c0:c1] |= gap
 
 
-def _detector(image: np.ndarray, rng: np.random.Generator, bits_stored: int) -> np.ndarray:
-    """Noise, a random gamma and a window into ``[0, 2**bits_stored - 1]``: uint16 ``[H, W]``."""
+def _curve_distance(points: np.ndarray, size: int) -> np.ndarray:
+    """Distance in pixels ``[size, size]`` from every pixel to the polyline ``points [N, 2]`` (normalised
+    ``(u, v)`` in [-1, 1]): the curve is rasterised, then one Euclidean distance transform."""
+    from skimage.draw import line
+
+    canvas = np.ones((size, size), bool)
+    pix = np.round((np.asarray(points) + 1) * (size - 1) / 2).astype(int)
+    for (c0, r0), (c1, r1) in zip(pix[:-1], pix[1:]):
+        rr, cc = line(r0, c0, r1, c1)
+        ok = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
+        canvas[rr[ok], cc[ok]] = False
+    return ndimage.distance_transform_edt(canvas).astype(np.float32)
+
+
+def _bezier(p0: Sequence[float], p1: Sequence[float], p2: Sequence[float], n: int = 64) -> np.ndarray:
+    t = np.linspace(0, 1, n)[:, None]
+    return (1 - t) ** 2 * np.asarray(p0) + 2 * (1 - t) * t * np.asarray(p1) + t**2 * np.asarray(p2)
+
+
+def _draw_skin_fold(image: np.ndarray, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> None:
+    """A skin fold over the lateral chest, in place: a long curved edge, denser on its medial side, with at
+    most a faint line, that runs across lung markings and past the lung outline (a pneumothorax mimic)."""
+    side = 1.0 if rng.uniform() < 0.5 else -1.0
+    u0, v0 = side * rng.uniform(0.45, 0.72), rng.uniform(-0.2, 0.2)
+    bend, half = rng.uniform(0.1, 0.5), rng.uniform(0.35, 0.7)
+    uu, vv = u[None, :], v[:, None]
+    edge = u0 - side * bend * (vv - v0) ** 2  # convex towards the chest wall, like the pleura
+    px = 2.0 / image.shape[1]
+    signed = side * (edge - uu) / px  # > 0 on the medial (denser) side, in pixels
+    extent = expit((half - np.abs(vv - v0)) / 0.05)
+    step = rng.uniform(0.02, 0.05) * expit(signed / 1.5) * np.exp(-np.clip(signed, 0, None) / (0.08 / px))
+    line = rng.uniform(0.0, 0.04) * np.exp(-((signed / 1.2) ** 2))
+    image += ((step + line) * extent).astype(np.float32)
+
+
+def _draw_devices(image: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Chest tube, central line, ECG leads with electrodes, in place (any image, independent of the label:
+    a tube must not be a shortcut to the answer); the names of what was drawn."""
+    size = image.shape[0]
+    px = 2.0 / size
+    drawn: list[str] = []
+    if rng.uniform() < 0.3:  # chest tube: enters laterally low, curves up towards the apex; radio-opaque walls
+        side = 1.0 if rng.uniform() < 0.5 else -1.0
+        start = (side * rng.uniform(0.75, 0.9), rng.uniform(0.2, 0.45))
+        bend = (side * rng.uniform(0.55, 0.7), rng.uniform(-0.1, 0.1))
+        end = (side * rng.uniform(0.3, 0.5), rng.uniform(-0.65, -0.45))
+        d = _curve_distance(_bezier(start, bend, end), size) * px
+        radius = rng.uniform(0.008, 0.014)
+        image += rng.uniform(0.12, 0.22) * np.exp(-(((d - radius) / (0.35 * radius)) ** 2))
+        drawn.append("chest tube")
+    if rng.uniform() < 0.3:  # central venous line: subclavian, down into the mediastinum
+        side = 1.0 if rng.uniform() < 0.5 else -1.0
+        start = (side * rng.uniform(0.35, 0.55), rng.uniform(-0.85, -0.7))
+        mid = (side * rng.uniform(0.1, 0.2), rng.uniform(-0.6, -0.5))
+        end = (rng.uniform(-0.02, 0.06), rng.uniform(-0.2, 0.05))
+        d = _curve_distance(_bezier(start, mid, end), size)
+        image += rng.uniform(0.1, 0.2) * np.exp(-((d / max(0.8, 0.003 / px)) ** 2))
+        drawn.append("central line")
+    if rng.uniform() < 0.4:  # ECG leads: thin wires across the chest, ring electrodes at their ends
+        for _ in range(int(rng.integers(1, 4))):
+            start = (rng.uniform(-0.9, 0.9), rng.uniform(-0.95, 0.9))
+            end = (rng.uniform(-0.8, 0.8), rng.uniform(-0.5, 0.9))
+            mid = ((start[0] + end[0]) / 2 + rng.uniform(-0.3, 0.3), (start[1] + end[1]) / 2 + rng.uniform(-0.3, 0.3))
+            d = _curve_distance(_bezier(start, mid, end), size)
+            image += rng.uniform(0.06, 0.14) * np.exp(-((d / max(0.6, 0.002 / px)) ** 2))
+            ring = np.hypot(*(np.mgrid[:size, :size] - (np.asarray(end[::-1]) + 1)[:, None, None] * (size - 1) / 2))
+            ring_r = 0.025 / px
+            image += rng.uniform(0.15, 0.25) * np.exp(-(((ring - ring_r) / max(0.8, 0.2 * ring_r)) ** 2))
+        drawn.append("ECG leads")
+    return drawn
+
+
+def _position(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+    """Patient positioning: rotation, magnification and a shift of the whole chest (image and mask bilinear,
+    the mask thresholded at 0.5, so it stays the label of the image it goes with; fragments below 5 % of the
+    largest region, which a thin rim resampled can leave, are dropped); the (degrees, scale, du, dv)."""
+    size = image.shape[0]
+    angle, scale = rng.uniform(-7, 7), rng.uniform(0.9, 1.08)
+    shift = rng.uniform(-0.05, 0.05, 2) * size
+    theta = np.deg2rad(angle)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) / scale
+    centre = (np.asarray(image.shape, float) - 1) / 2
+    offset = centre - rot @ (centre + shift)
+    moved = ndimage.affine_transform(image, rot, offset, order=1, mode="nearest")
+    moved_mask = ndimage.affine_transform(mask.astype(np.float32), rot, offset, order=1, mode="constant") > 0.5
+    labels, n = ndimage.label(moved_mask, structure=np.ones((3, 3), bool))
+    if n > 1:
+        areas = np.bincount(labels.ravel())[1:]
+        moved_mask = np.isin(labels, 1 + np.flatnonzero(areas >= 0.05 * areas.max()))
+    return moved.astype(np.float32), moved_mask, (float(angle), float(scale), float(shift[1]), float(shift[0]))
+
+
+def _detector(image: np.ndarray, rng: np.random.Generator, bits_stored: int, hard: bool = False) -> np.ndarray:
+    """Noise, a random gamma and a window into ``[0, 2**bits_stored - 1]``: uint16 ``[H, W]``.
+
+    ``hard``: exposure varies per image too: an over/under-exposure gain and offset, an anode-heel gradient,
+    detector blur, more noise and a wider gamma range."""
     f32 = np.float32
-    image += rng.standard_normal(image.shape, dtype=f32) * f32(rng.uniform(0.006, 0.014))
+    if hard:
+        size = image.shape[0]
+        ramp = np.linspace(-1, 1, size, dtype=f32)
+        heel = rng.uniform(-0.06, 0.06) * (ramp[:, None] if rng.uniform() < 0.5 else ramp[None, :])
+        image = image * f32(rng.uniform(0.8, 1.2)) + f32(rng.uniform(-0.08, 0.08)) + heel
+        image = ndimage.gaussian_filter(image, rng.uniform(0.0, 1.0) * size / 512)
+        image += rng.standard_normal(image.shape, dtype=f32) * f32(rng.uniform(0.008, 0.03))
+    else:
+        image += rng.standard_normal(image.shape, dtype=f32) * f32(rng.uniform(0.006, 0.014))
     image = np.clip(image, 0, 1.2) / 1.2
-    image **= f32(rng.uniform(0.8, 1.2))
+    image **= f32(rng.uniform(0.6, 1.6) if hard else rng.uniform(0.8, 1.2))
     top_value = 2**bits_stored - 1
     lo, hi = rng.uniform(0.02, 0.1) * top_value, rng.uniform(0.85, 0.98) * top_value
     return np.clip(np.rint(lo + image * (hi - lo)), 0, top_value).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class RadiographFeatures:
+    """What a radiograph phantom holds (for tests and for reading benchmark results by case).
+
+    ``pneumothorax``: per lung with one (``"right"`` = image left / ``"left"``), the hard-mode kind
+    (:data:`PNEUMOTHORAX_KINDS`; ``"easy"`` in the easy mode) and its visceral pleural line brightness
+    (0 = absent). ``skin_folds``: how many skin-fold mimics; ``devices``: chest tube, central line, ECG
+    leads; ``positioning``: (rotation degrees, magnification, shift columns, shift rows in pixels)."""
+
+    hard: bool
+    pneumothorax: tuple[tuple[str, str, float], ...] = ()
+    skin_folds: int = 0
+    devices: tuple[str, ...] = ()
+    positioning: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 0.0)
 
 
 def make_radiograph_phantom(
@@ -311,7 +502,9 @@ def make_radiograph_phantom(
     rng: np.random.Generator | None = None,
     bits_stored: int = 12,
     base: int = 256,
-) -> tuple[np.ndarray, np.ndarray]:
+    hard: bool = False,
+    return_features: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, RadiographFeatures]:
     """Draw one PA chest radiograph phantom.
 
     Args:
@@ -320,16 +513,23 @@ def make_radiograph_phantom(
         rng: random generator (default: a fresh unseeded one).
         bits_stored: 12-16; the image uses most of ``[0, 2**bits_stored - 1]``.
         base: resolution at which smooth anatomy (body, bones, heart) is drawn before upsampling.
+        hard: the hard mode (``docs/data.md``): subtle pneumothoraces (small apical cap, thin lateral rim or
+            moderate; markings only faded in the gap, faint or absent pleural line; 15 % of positives
+            bilateral), skin-fold mimics, chest tubes / central lines / ECG leads, denser and anterior ribs,
+            per-image exposure, gamma, blur and noise, and patient positioning (rotation, magnification,
+            shift). The easy mode's images are unchanged by its existence (same random stream).
+        return_features: also return the :class:`RadiographFeatures` drawn.
 
     Returns:
         ``image`` uint16 ``[H, W]`` (display look: higher = more attenuation = brighter, as MONOCHROME2)
-        and ``mask`` bool ``[H, W]``, the pneumothorax (all False if not ``positive``).
+        and ``mask`` bool ``[H, W]``, the pneumothorax (all False if not ``positive``)
+        (and the features with ``return_features``).
     """
     rng = np.random.default_rng() if rng is None else rng
     if not 12 <= bits_stored <= 16:
         raise ValueError(f"bits_stored must be 12-16, got {bits_stored}")
     f32 = np.float32
-    bg = _chest_background(rng, min(base, size))
+    bg = _chest_background(rng, min(base, size), hard)
     image = ndimage.zoom(bg.tissue, size / bg.tissue.shape[0], order=1, grid_mode=True, mode="nearest")
     mask = np.zeros((size, size), bool)
     # lungs, pneumothorax and fine markings at full resolution, in the same coordinates as the background
@@ -350,9 +550,30 @@ def make_radiograph_phantom(
     ]
     vessels = _vessel_canvas(rng, trees, 512)
     lung_dark = rng.uniform(0.3, 0.36)
+    if not hard:
+        for side, lung in enumerate(lungs):
+            _draw_lung(image, mask, lung, u, v, bg, vessels, lung_dark, rng if side == ptx_side else None)
+        easy = ((("right", "left")[ptx_side], "easy", 0.12),) if positive else ()
+        features = RadiographFeatures(False, easy)
+        out = _detector(image, rng, bits_stored), mask
+        return (*out, features) if return_features else out
+    sides = {ptx_side} if positive else set()
+    if positive and rng.uniform() < 0.15:
+        sides = {0, 1}
+    drawn = []
     for side, lung in enumerate(lungs):
-        _draw_lung(image, mask, lung, u, v, bg, vessels, lung_dark, rng if side == ptx_side else None)
-    return _detector(image, rng, bits_stored), mask
+        subtle = _draw_subtle_pneumothorax(rng) if side in sides else None
+        _draw_lung(image, mask, lung, u, v, bg, vessels, lung_dark, rng if subtle else None, subtle)
+        if subtle is not None:
+            drawn.append((("right", "left")[side], subtle.kind, subtle.pleura))
+    folds = int(rng.choice([0, 0, 1, 1, 2]))  # on any image: a mimic must not be a cue for either label
+    for _ in range(folds):
+        _draw_skin_fold(image, u, v, rng)
+    devices = _draw_devices(image, rng)
+    image, mask, positioning = _position(image, mask, rng)
+    features = RadiographFeatures(True, tuple(drawn), folds, tuple(devices), positioning)
+    out = _detector(image, rng, bits_stored, hard=True), mask
+    return (*out, features) if return_features else out
 
 
 def mask_to_rle_rows(mask: np.ndarray) -> list[str]:
@@ -383,6 +604,7 @@ class RadiographCase:
     spacing_tag: str | None  # PixelSpacing | ImagerPixelSpacing | None
     spacing_mm: float
     study_date: str
+    hard: bool = False  # draw with make_radiograph_phantom(hard=True)
 
     @property
     def relative_path(self) -> str:
@@ -463,11 +685,13 @@ def plan_radiographs(
     positive_fraction: float = 0.5,
     compressed_fraction: float = 0.3,
     monochrome1_fraction: float = 0.3,
+    hard: bool = False,
 ) -> list[RadiographCase]:
     """Decide every radiograph's metadata up front from ``seed`` (so the result ignores worker count).
 
     Exactly ``round(n * positive_fraction)`` cases are positive (shuffled). Patients own 1-3 images each,
-    so that splitting by image instead of by patient would leak.
+    so that splitting by image instead of by patient would leak. ``hard``: every case is drawn in the hard
+    mode (the files' metadata are planned alike).
     """
     rng = _case_rng(seed, 2, 0)
     n_pos = int(round(n * positive_fraction))
@@ -497,6 +721,7 @@ def plan_radiographs(
                 spacing_tag=spacing_tag,
                 spacing_mm=round(float(430.0 / size * rng.uniform(0.85, 1.0)), 4),
                 study_date=f"2020{1 + int(rc[3] * 12):02d}{1 + i % 28:02d}",
+                hard=hard,
             )
         )
     return cases
@@ -506,7 +731,7 @@ def draw_radiograph_case(case: RadiographCase, seed: int, size: int) -> tuple[np
     """The ``(image, mask)`` that ``synthesize(seed=seed, size=size)`` writes for ``case`` (see
     :func:`make_radiograph_phantom`)."""
     rng = _case_rng(seed, 0, case.index)
-    return make_radiograph_phantom(size, case.positive, rng, bits_stored=case.bits_stored)
+    return make_radiograph_phantom(size, case.positive, rng, bits_stored=case.bits_stored, hard=case.hard)
 
 
 def _radiograph_job(args: tuple[str, int, int, RadiographCase]) -> tuple[str, list[str]]:
@@ -533,6 +758,21 @@ def _segment_distance(points: np.ndarray, segments: Sequence[tuple[np.ndarray, n
     return best, best_gen
 
 
+@dataclass(frozen=True)
+class CTFeatures:
+    """What a CT phantom holds: the pneumothorax (kind ``"easy"`` / ``"small anterior"`` / ``"moderate"``,
+    visceral pleura HU, -1000 = absent), bullae and emphysema mimics, the slice spacing (mm), the partial-volume
+    blur across slices (sigma in slices) and the noise (HU)."""
+
+    hard: bool
+    pneumothorax: tuple[tuple[str, float], ...] = ()
+    bullae: int = 0
+    emphysema: bool = False
+    slice_mm: float = 0.0
+    slice_blur: float = 0.0
+    noise_hu: float = 0.0
+
+
 def make_ct_phantom(
     size: int = 128,
     slices: int = 48,
@@ -540,7 +780,12 @@ def make_ct_phantom(
     rng: np.random.Generator | None = None,
     fov_mm: float = 360.0,
     length_mm: float = 240.0,
-) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    hard: bool = False,
+    return_features: bool = False,
+) -> (
+    tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
+    | tuple[np.ndarray, np.ndarray, tuple[float, float, float], CTFeatures]
+):
     """Draw one chest CT phantom (axial slices; the stack runs inferior → superior along K).
 
     Args:
@@ -549,14 +794,20 @@ def make_ct_phantom(
         positive: draw a pneumothorax (anterior/lateral air of one lung, random side and size).
         rng: random generator (default: a fresh unseeded one).
         fov_mm: in-plane field of view; ``length_mm``: cranio-caudal coverage.
+        hard: small anterior pneumothoraces with faint or absent pleura, bullae and emphysema as mimics, the
+            coverage (hence slice spacing) varying by ±30 %, partial-volume blur across slices (thick slices)
+            and 10-60 HU noise (``docs/data.md``). The easy mode's volumes are unchanged by its existence.
+        return_features: also return the :class:`CTFeatures` drawn.
 
     Returns:
         ``hu`` int16 ``[I, J, K]`` (I = column = patient right → left, J = row = anterior → posterior,
         K = slice = inferior → superior), ``mask`` bool ``[I, J, K]`` (pneumothorax), and the voxel
-        spacing ``(dx, dy, dz)`` in mm in array-axis order.
+        spacing ``(dx, dy, dz)`` in mm in array-axis order (and the features with ``return_features``).
     """
     rng = np.random.default_rng() if rng is None else rng
     f32 = np.float32
+    if hard:
+        length_mm *= rng.uniform(0.7, 1.3)
     spacing = (fov_mm / size, fov_mm / size, length_mm / slices)
     x = np.linspace(-1, 1, size, dtype=f32)[:, None, None]  # I: patient right (-) → left (+)
     y = np.linspace(-1, 1, size, dtype=f32)[None, :, None]  # J: anterior (-) → posterior (+)
@@ -569,15 +820,31 @@ def make_ct_phantom(
     mediastinum = (np.abs(x - 0.02) < 0.13) & (y > -0.55) & (y < 0.45)
     ptx_side = int(rng.integers(0, 2)) if positive else -1
     mask = np.zeros(hu.shape, bool)
+    lungs = np.zeros(hu.shape, bool)
+    drawn = []
     for side, sign in enumerate((-1.0, 1.0)):
         c = (sign * rng.uniform(0.36, 0.42), rng.uniform(-0.02, 0.06), h * rng.uniform(0.0, 0.1))
         r = (rng.uniform(0.27, 0.32), rng.uniform(0.38, 0.45), h * rng.uniform(0.85, 0.95))
         lung = _Lung3D(np.array(c, f32), np.array(r, f32), sign)
         inside = (lung.level(x, y, z) <= 1) & ~heart & ~mediastinum & (body_r < 0.8)
-        _draw_ct_lung(hu, mask, lung, inside, (x, y, z), 2.0 / size, rng, side == ptx_side)
+        lungs |= inside
+        ptx = _draw_ct_lung(hu, mask, lung, inside, (x, y, z), 2.0 / size, rng, side == ptx_side, hard)
+        if ptx is not None:
+            drawn.append(ptx)
     hu[heart] = 40.0
-    hu += rng.normal(0, rng.uniform(12, 22), hu.shape).astype(f32)
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), mask, spacing
+    if not hard:
+        hu += rng.normal(0, rng.uniform(12, 22), hu.shape).astype(f32)
+        out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16), mask, spacing
+        return (*out, CTFeatures(False, tuple(drawn), slice_mm=spacing[2])) if return_features else out
+    bullae, emphysema = _draw_ct_mimics(hu, lungs, mask, (x, y, z), rng)
+    blur = float(rng.uniform(0.0, 1.2))
+    if blur > 0.05:  # slices thicker than their spacing average the anatomy across neighbours
+        hu = ndimage.gaussian_filter1d(hu, blur, axis=2, mode="nearest")
+    noise = float(rng.uniform(10, 60))
+    hu += rng.normal(0, noise, hu.shape).astype(f32)
+    features = CTFeatures(True, tuple(drawn), bullae, emphysema, float(spacing[2]), blur, noise)
+    out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16), mask, spacing
+    return (*out, features) if return_features else out
 
 
 def _ct_torso(
@@ -628,14 +895,31 @@ def _draw_ct_lung(
     voxel: float,
     rng: np.random.Generator,
     pneumothorax: bool,
-) -> None:
+    hard: bool = False,
+) -> tuple[str, float] | None:
     """Write the lung's HU (about -850, vessels) into ``hu`` in place; with ``pneumothorax`` the lung
-    collapses towards a posterior-medial point, leaving -1000 HU air anteriorly/laterally (added to ``mask``)."""
+    collapses towards a posterior-medial point, leaving -1000 HU air anteriorly/laterally (added to ``mask``).
+
+    ``hard``: the pneumothorax is a small anterior one (air in front of the lung, where it collects in a
+    supine patient) or a moderate one, with a faint or absent visceral pleura. Returns the pneumothorax's
+    (kind, pleura HU; -1000 = absent), or None."""
     f32 = np.float32
     c, r, sign = lung.c, lung.r, lung.sign
     scale = np.ones(3, f32)
     hilum = np.array([c[0] - sign * 0.6 * r[0], c[1] + 0.1, c[2] - 0.1 * r[2]], f32)
-    if pneumothorax:
+    kind, pleura_hu = "easy", -250.0
+    if pneumothorax and hard:
+        if rng.uniform() < 0.6:
+            kind = "small anterior"
+            scale = np.array([rng.uniform(0.97, 1.0), rng.uniform(0.88, 0.96), rng.uniform(0.97, 1.0)], f32)
+            hilum = np.array([c[0] - sign * 0.3 * r[0], c[1] + 1.0 * r[1], c[2] - 0.2 * r[2]], f32)
+        else:
+            kind = "moderate"
+            s = rng.uniform(0.75, 0.9)
+            scale = np.array([min(0.98, s * rng.uniform(1.0, 1.1)), s, min(0.98, s * rng.uniform(1.0, 1.1))], f32)
+            hilum = np.array([c[0] - sign * 0.7 * r[0], c[1] + 0.75 * r[1], c[2] - 0.2 * r[2]], f32)
+        pleura_hu = -1000.0 if rng.uniform() < 0.3 else float(rng.uniform(-750, -550))
+    elif pneumothorax:
         s = rng.uniform(0.88, 0.95) if rng.uniform() < 0.35 else rng.uniform(0.6, 0.88)
         scale = np.array([min(0.97, s * rng.uniform(1.0, 1.1)), s, min(0.97, s * rng.uniform(1.0, 1.1))], f32)
         # collapse towards the posterior-medial hilum: the air collects anteriorly/laterally/apically
@@ -658,9 +942,40 @@ def _draw_ct_lung(
     lung_hu += np.exp(-((dist / radius) ** 2)) * collapsed * 900.0
     if pneumothorax:
         pleura_w = 1.6 * voxel / (float(r[0]) * float(scale[0]))  # about 1.6 voxels
-        lung_hu[collapsed & (collapsed_level > 1 - pleura_w)] = -250.0
+        if pleura_hu > -1000.0:
+            lung_hu[collapsed & (collapsed_level > 1 - pleura_w)] = pleura_hu
         mask[idx] = ~collapsed
     hu[idx] = np.minimum(lung_hu, 60.0)
+    return (kind, pleura_hu) if pneumothorax else None
+
+
+def _draw_ct_mimics(
+    hu: np.ndarray,
+    lungs: np.ndarray,
+    mask: np.ndarray,
+    xyz: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+) -> tuple[int, bool]:
+    """Pneumothorax mimics inside the lungs but never in the pneumothorax, in place: bullae (round air spaces
+    without vessels, thin wall, often subpleural) and centrilobular emphysema (scattered small low-attenuation
+    holes). Returns (bullae, emphysema)."""
+    x, y, z = xyz
+    region = lungs & ~mask
+    candidates = np.argwhere(region)
+    bullae = int(rng.choice([0, 1, 2, 3])) if len(candidates) else 0
+    for _ in range(bullae):
+        i, j, k = candidates[int(rng.integers(len(candidates)))]
+        radius = rng.uniform(0.03, 0.08)
+        d = np.sqrt((x - x[i, 0, 0]) ** 2 + (y - y[0, j, 0]) ** 2 + (z - z[0, 0, k]) ** 2)
+        wall = region & (d <= radius) & (d > radius - 0.012)
+        hu[wall] = np.maximum(hu[wall], -700.0)
+        hu[region & (d <= radius - 0.012)] = -1000.0
+    emphysema = bool(rng.uniform() < 0.4)
+    if emphysema:
+        field = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), 1.0)
+        holes = region & (field > np.quantile(field[region], rng.uniform(0.85, 0.95)))
+        hu[holes] = np.minimum(hu[holes], -960.0)
+    return bullae, emphysema
 
 
 def ct_affine_ras(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -684,6 +999,7 @@ class CTCase:
     study_uid: str
     series_uid: str
     frame_uid: str
+    hard: bool = False  # draw with make_ct_phantom(hard=True)
 
 
 def write_ct_dicom_series(
@@ -749,8 +1065,9 @@ def write_ct_nifti(image_path: str | Path, label_path: str | Path, hu: np.ndarra
         nib.save(img, str(path))
 
 
-def plan_ct(n: int, seed: int = 0, positive_fraction: float = 0.5) -> list[CTCase]:
-    """CT cases: exactly ``round(n * positive_fraction)`` positive, one patient and series each."""
+def plan_ct(n: int, seed: int = 0, positive_fraction: float = 0.5, hard: bool = False) -> list[CTCase]:
+    """CT cases: exactly ``round(n * positive_fraction)`` positive, one patient and series each (``hard``:
+    drawn in the hard mode)."""
     rng = _case_rng(seed, 2, 1)
     positive = np.zeros(n, bool)
     positive[rng.permutation(n)[: int(round(n * positive_fraction))]] = True
@@ -763,6 +1080,7 @@ def plan_ct(n: int, seed: int = 0, positive_fraction: float = 0.5) -> list[CTCas
             study_uid=_uid(seed, "ct-study", i),
             series_uid=_uid(seed, "ct-series", i),
             frame_uid=_uid(seed, "ct-frame", i),
+            hard=hard,
         )
         for i in range(n)
     ]
@@ -772,7 +1090,7 @@ def draw_ct_case(
     case: CTCase, seed: int, size: int, slices: int
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """The ``(hu, mask, spacing)`` that ``synthesize`` writes for ``case`` (see :func:`make_ct_phantom`)."""
-    return make_ct_phantom(size, slices, case.positive, _case_rng(seed, 1, case.index))
+    return make_ct_phantom(size, slices, case.positive, _case_rng(seed, 1, case.index), hard=case.hard)
 
 
 def _ct_job(args: tuple[str, int, int, int, CTCase]) -> tuple[str, bool]:
@@ -857,8 +1175,12 @@ def synthesize(
     monochrome1_fraction: float = 0.3,
     workers: int | None = None,
     overwrite: bool = False,
+    hard: bool = False,
 ) -> SynthSummary:
     """Write the phantom data set to ``out_dir`` (layout in the module docstring) and summarise it.
+
+    ``hard``: radiographs and CT drawn in the hard mode (:func:`make_radiograph_phantom`,
+    :func:`make_ct_phantom`; ``docs/data.md``).
 
     ``out_dir`` must not hold phantom outputs yet (stale files would disagree with the new CSV), unless
     ``overwrite`` and an earlier ``synthesize`` made them (its marker file is there): then they are removed.
@@ -880,7 +1202,9 @@ def synthesize(
     summary = SynthSummary(out_dir=out)
     start = time.perf_counter()
 
-    cases = plan_radiographs(radiographs, seed, size, positive_fraction, compressed_fraction, monochrome1_fraction)
+    cases = plan_radiographs(
+        radiographs, seed, size, positive_fraction, compressed_fraction, monochrome1_fraction, hard=hard
+    )
     if cases:
         results = _map(_radiograph_job, [(str(out), seed, size, c) for c in cases], workers)
         write_siim_csv(out / RLE_CSV, dict(results))
@@ -890,7 +1214,7 @@ def synthesize(
     summary.radiographs_positive = sum(c.positive for c in cases)
     summary.patients = len({c.patient_id for c in cases})
 
-    ct_cases = plan_ct(ct, seed, positive_fraction)
+    ct_cases = plan_ct(ct, seed, positive_fraction, hard=hard)
     ct_results = _map(_ct_job, [(str(out), seed, ct_size, ct_slices, c) for c in ct_cases], workers)
     summary.ct = len(ct_cases)
     summary.ct_positive = sum(positive for _, positive in ct_results)
@@ -942,6 +1266,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         help="fraction of radiographs stored as MONOCHROME1 (inverted pixel values; same look once read)",
     )
     parser.add_argument(
+        "--hard",
+        action="store_true",
+        help="hard cases: subtle pneumothoraces (small apical cap, thin lateral rim, bilateral; faint or absent "
+        "pleural line, markings only faded), skin folds, tubes and lines, rib overlap, exposure / gamma / "
+        "positioning per image; CT: small anterior pneumothoraces, bullae and emphysema, varying slice "
+        "thickness and noise (docs/data.md)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=None, metavar="N", help="worker processes (default: number of CPUs)"
     )
     parser.add_argument(
@@ -977,4 +1309,5 @@ def _run(args: argparse.Namespace) -> SynthSummary:
         monochrome1_fraction=args.monochrome1_fraction,
         workers=args.workers,
         overwrite=args.overwrite,
+        hard=args.hard,
     )

@@ -104,6 +104,19 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trust", action="store_true", help="allow a TorchScript --model (it is code): trusted senders only"
     )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        metavar="FILE",
+        help="weight files relative to each bundle instead of models/model.pt (e.g. "
+        "models/model_top_k_average.pt); several are an ensemble whose probabilities are averaged (fold models)",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="horizontal-flip test-time augmentation: each scan also runs mirrored left-right and the "
+        "probabilities are averaged (twice the model time)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="radiographs / CT slices per forward pass (default: 8)")
     p.add_argument(
@@ -193,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             model_file=args.model,
             trust=args.trust,
+            tta=args.tta,
+            weights=args.weights,
         )
         return run_owned(runner)
     except RunFailed as e:

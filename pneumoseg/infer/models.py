@@ -10,6 +10,7 @@ intensity percentiles, CT window and orientation) and the thresholds come from t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from pneumoseg.model_record import (
+    CT,
+    RADIOGRAPH,
     RECORD_FILE,
     ModelRecord,
     TrainedModel,
@@ -28,9 +31,15 @@ from pneumoseg.model_record import (
 )
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
+    "FLIP_DIMS",
+    "FlipTTA",
+    "MeanEnsemble",
     "ModelSetError",
     "PrecisionWrapper",
+    "load_ensemble",
     "load_models",
+    "with_flip_tta",
     "precision",
     "route_models",
     "run_fingerprint",
@@ -54,11 +63,105 @@ def select_device(device: str = "auto") -> torch.device:
     return dev
 
 
+DEFAULT_WEIGHTS = "models/model.pt"
+"""A bundle's weights, relative to the bundle folder."""
+
+FLIP_DIMS = {RADIOGRAPH: -1, CT: -2}
+"""The left-right axis of a network input ``[B, 1, S, S]`` per image kind: a radiograph's columns (W), a CT
+slice's first axis (I; slices are in array order, the model's training flips that axis too)."""
+
+
+def _mean_probability_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The logit of the mean probability (in fp32; probabilities clamped to [1e-7, 1 - 1e-7])."""
+    probability = torch.stack([torch.sigmoid(t.float()) for t in logits]).mean(0)
+    return torch.logit(probability, eps=1e-7)
+
+
+class FlipTTA(nn.Module):
+    """Horizontal-flip test-time augmentation of a dual-output network: the input and its left-right mirror go
+    through the network as one batch; the mirrored segmentation is flipped back and the two probabilities
+    averaged (image probability too). Returns logits, like the network.
+
+    ``forward(x [B, 1, S, S]) -> SCSEUNetOutput(seg [B, 1, S, S], cls [B, 1])``; ``dim``: the left-right axis
+    (:data:`FLIP_DIMS`). A flip-equivariant network (``f(flip x) = flip f(x)``) gives exactly its own output.
+    """
+
+    def __init__(self, network: nn.Module, dim: int = -1) -> None:
+        super().__init__()
+        self.network = network
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> Any:
+        from pneumoseg.networks import SCSEUNetOutput
+
+        out = self.network(torch.cat([x, torch.flip(x, (self.dim,))]))
+        seg, cls = out[0], out[1]
+        b = x.shape[0]
+        seg_mean = _mean_probability_logits([seg[:b], torch.flip(seg[b:], (self.dim,))])
+        return SCSEUNetOutput(seg_mean, _mean_probability_logits([cls[:b], cls[b:]]))
+
+
+class MeanEnsemble(nn.Module):
+    """Several dual-output networks fed the same input; their probabilities are averaged (segmentation and
+    image level), returned as logits. ``forward(x [B, 1, S, S]) -> SCSEUNetOutput(seg, cls)``."""
+
+    def __init__(self, networks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not networks:
+            raise ValueError("an ensemble needs at least one network")
+        self.members = nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        from pneumoseg.networks import SCSEUNetOutput
+
+        outs = [member(x) for member in self.members]
+        return SCSEUNetOutput(
+            _mean_probability_logits([o[0] for o in outs]), _mean_probability_logits([o[1] for o in outs])
+        )
+
+
+def _derived_fingerprint(parts: Sequence[str]) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def load_ensemble(
+    bundle: str | os.PathLike, weights: Sequence[str], device: torch.device | str = "cpu"
+) -> TrainedModel:
+    """The bundle's record with several weight files (e.g. fold models, ``models/fold_0.pt`` ...; relative to
+    the bundle) averaged by :class:`MeanEnsemble`; one file is the plain model. All files must fit the network
+    the record names. The fingerprint covers every file and the record."""
+    if not weights:
+        raise ModelSetError("no weight files given")
+    members = [load_trained_model(bundle, device, weights=w) for w in weights]
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    sha = hashlib.sha256("|".join(m.weights_sha256 for m in members).encode()).hexdigest()
+    network = MeanEnsemble([m.network for m in members]).eval()
+    return dataclasses.replace(
+        first, network=network, weights_sha256=sha, fingerprint=_derived_fingerprint([sha, first.record.digest()])
+    )
+
+
+def with_flip_tta(models: Mapping[str, TrainedModel]) -> dict[str, TrainedModel]:
+    """``{kind: model}`` whose networks run with :class:`FlipTTA` along that kind's left-right axis; the
+    fingerprints change with it (outputs made with TTA are not those made without)."""
+    return {
+        kind: dataclasses.replace(
+            model,
+            network=FlipTTA(model.network, FLIP_DIMS[kind]),
+            fingerprint=_derived_fingerprint([model.fingerprint, "flip-tta"]),
+        )
+        for kind, model in models.items()
+    }
+
+
 def load_models(
     bundles: Sequence[str | os.PathLike],
     device: torch.device | str = "cpu",
     exported: str | os.PathLike | None = None,
     trust: bool = False,
+    weights: Sequence[str] | None = None,
 ) -> dict[str, TrainedModel]:
     """``{image kind: model}`` of the bundles' trained models, each kind from the one bundle trained on it.
 
@@ -67,6 +170,8 @@ def load_models(
         exported: an exported ONNX / TorchScript file of the (single) bundle to run instead of its
             ``model.pt`` (``pneumoseg.sharing.model.ExportedModel``); the record still comes from the bundle.
         trust: passed to ``ExportedModel.load``: TorchScript is code, loaded only when trusted.
+        weights: weight files relative to each bundle instead of ``models/model.pt``; several are averaged
+            (:func:`load_ensemble`: fold models, or top-k checkpoints kept apart).
 
     Raises :class:`ModelSetError` when two bundles were trained on one kind, or ``exported`` is given with
     other than one bundle; ``FileNotFoundError`` / ``ModelRecordError`` for a missing or invalid record or
@@ -76,10 +181,12 @@ def load_models(
         raise ModelSetError("no --bundle given")
     if exported is not None and len(bundles) != 1:
         raise ModelSetError("--model runs the exported model of one bundle: give exactly one --bundle")
+    if exported is not None and weights:
+        raise ModelSetError("--model and --weights exclude each other")
     loaded = {
         os.fspath(bundle): _load_exported(bundle, exported, device, trust)
         if exported
-        else load_trained_model(bundle, device)
+        else load_ensemble(bundle, list(weights or [DEFAULT_WEIGHTS]), device)
         for bundle in bundles
     }
     return route_models(loaded)

@@ -17,7 +17,14 @@ from typing import Any
 from pneumoseg.infer.dataset import ScanDataset
 from pneumoseg.infer.discovery import Scan, discover_scans, shard_scans
 from pneumoseg.infer.folder import OutputFolder
-from pneumoseg.infer.models import PrecisionWrapper, load_models, route_models, run_fingerprint, select_device
+from pneumoseg.infer.models import (
+    PrecisionWrapper,
+    load_models,
+    route_models,
+    run_fingerprint,
+    select_device,
+    with_flip_tta,
+)
 from pneumoseg.infer.outputs import ScanOutputs, base_row, parse_formats, scan_formats
 from pneumoseg.infer.pipeline import InferencePipeline, StopRequest
 from pneumoseg.infer.records import ScanRecords
@@ -70,6 +77,10 @@ class BatchInferenceRunner:
         model_file: an exported ONNX / TorchScript file of the (one) bundle, run instead of its weights.
         trust: load a TorchScript ``model_file`` (code) only when trusted.
         models: already loaded models (``{kind: TrainedModel}`` or a list), instead of ``bundles``.
+        tta: horizontal-flip test-time augmentation (each scan also mirrored left-right, probabilities
+            averaged; twice the model time). Outputs carry another fingerprint than without.
+        weights: weight files relative to each bundle instead of ``models/model.pt``; several are averaged
+            (an ensemble of fold models, e.g. ``["models/fold_0.pt", "models/fold_1.pt"]``).
     """
 
     outputs_class: type[ScanOutputs] = ScanOutputs
@@ -94,6 +105,8 @@ class BatchInferenceRunner:
         model_file: str | None = None,
         trust: bool = False,
         models: Mapping[str, TrainedModel] | Sequence[TrainedModel] | None = None,
+        tta: bool = False,
+        weights: str | Sequence[str] | None = None,
     ) -> None:
         self.bundles = [bundles] if isinstance(bundles, (str, os.PathLike)) else list(bundles)
         self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
@@ -109,6 +122,8 @@ class BatchInferenceRunner:
             raise ValueError(f"shard_id {self.shard_id} not in [0, {self.num_shards})")
         self.progress, self.model_file, self.trust = progress, model_file, trust
         self.models = route_models(models) if models is not None else None
+        self.tta = bool(tta)
+        self.weights = [weights] if isinstance(weights, str) else list(weights or [])
         self.stop = StopRequest()
         """Set it (``stop.request("SIGTERM")``) to end the run after the writes in flight; exit code 3."""
 
@@ -116,7 +131,9 @@ class BatchInferenceRunner:
         """Process the shard; write records and the report; the exit code (:data:`EXIT_OK` ...)."""
         started = time.perf_counter()
         self._check_folders()
-        models = self.models or load_models(self.bundles, self.device, self.model_file, self.trust)
+        models = self.models or load_models(self.bundles, self.device, self.model_file, self.trust, self.weights)
+        if self.tta:
+            models = with_flip_tta(models)
         records = ScanRecords(self.output_dir, self.input_dir)
         with OutputFolder(self.output_dir, self.num_shards, self.shard_id) as folder:
             folder.claim_for(models, records, self.overwrite)

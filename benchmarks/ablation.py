@@ -1,0 +1,111 @@
+"""The patent's parts measured on the hard set: each variant trained through the bundle's configs with one
+override, two seeds each, scored by ``hard_set.score`` (post-processing searched on validation, held-out test).
+
+Variants: ``full`` (the bundle's defaults); ``no_encoder_scse`` (``--network_def#encoder_scse False``: plain
+ResNet34 stages, the decoder keeps its scSE); ``no_hypercolumn`` (the head sees the last decoder block only);
+``no_cls`` (``w_cls = 0``: the classification head is not trained, the image gate is then uninformative);
+``cls_1`` (``w_cls = 1``: loss weights); ``lr_1e-3`` (peak learning rate 1e-3 instead of the default).
+``folds``: the full network trained on 3 cross-validation folds of training + validation (validated on its
+held-out fold), scored alone and as a :class:`pneumoseg.infer.models.MeanEnsemble` (post-processing searched on
+the common validation split, which the fold models partly trained on: their ensemble's tuned values are
+optimistic for it, the test split is not).
+
+One training per call, so each holds the shared lock alone::
+
+    for run in full:0 full:1 no_encoder_scse:0 ...; do
+        OMP_WAIT_POLICY=PASSIVE flock /tmp/pneumoseg-heavy.lock .venv/bin/python benchmarks/ablation.py --run $run
+    done
+    .venv/bin/python benchmarks/ablation.py --table       # the markdown table from results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hard_set  # noqa: E402
+
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "no_encoder_scse": ["--network_def#encoder_scse", "False"],
+    "no_hypercolumn": ["--network_def#hypercolumn", "False"],
+    "no_cls": ["--loss#cls_weight", "0.0"],
+    "cls_1": ["--loss#cls_weight", "1.0"],
+    "lr_1e-3": ["--learning_rate", "0.001"],
+}
+METRICS = ("siim_dice", "siim_dice_positive", "auc", "sensitivity", "specificity")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=hard_set.REPO / "bench_out" / "ablation", help="output folder")
+    parser.add_argument("--run", help="VARIANT:SEED (a VARIANT of the list, or fold_I for fold I of 3)")
+    parser.add_argument("--table", action="store_true", help="print the table of the runs so far")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs")
+    parser.add_argument("--image-size", type=int, default=192, help="network input size (multiple of 64)")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    return parser.parse_args(argv)
+
+
+def run_one(args: argparse.Namespace, name: str, seed: int) -> None:
+    from pneumoseg.model_record import load_trained_model
+
+    manifest = hard_set.make_hard_data(hard_set.DATA, folds=3, workers=args.workers)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    bundle = args.out / f"{name}_seed{seed}"
+    if name.startswith("fold_"):
+        fold = int(name.split("_")[1])
+        splits = {"train_split": f"cv_train_{fold}", "val_split": f"cv_val_{fold}"}
+        seconds = hard_set.train_bundle(bundle, manifest, args.epochs, args.image_size, seed, workers=args.workers,
+                                        **splits)  # fmt: skip
+    else:
+        seconds = hard_set.train_bundle(
+            bundle, manifest, args.epochs, args.image_size, seed, VARIANTS[name], workers=args.workers
+        )
+    trained = load_trained_model(bundle)
+    data = {s: hard_set.load_images(manifest, s, args.image_size, trained.record) for s in ("validation", "test")}
+    scored = hard_set.score_network(trained.network, data)
+    scored["seconds_train"] = round(seconds, 1)
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}  # others may have written
+    results[f"{name}:{seed}"] = scored
+    results_file.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{name} seed {seed}: " + ", ".join(f"{k} {scored[k]:.4f}" for k in METRICS) + f", {seconds:.0f} s")
+
+
+def table(args: argparse.Namespace) -> None:
+    results = json.loads((args.out / "results.json").read_text())
+    groups: dict[str, list[dict]] = {}
+    for key, value in results.items():
+        groups.setdefault(key.split(":")[0], []).append(value)
+    print("| variant | seeds | SIIM Dice | positive-only Dice | AUC | sensitivity | specificity | training s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in groups.items():
+        cells = []
+        for metric in (*METRICS, "seconds_train"):
+            values = [r[metric] for r in runs]
+            mean = statistics.fmean(values)
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 and metric != "seconds_train" else ""
+            cells.append(f"{mean:.0f}" if metric == "seconds_train" else f"{mean:.3f}{spread}")
+        print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        name, seed = args.run.split(":")
+        if name not in VARIANTS and not name.startswith("fold_"):
+            raise SystemExit(f"unknown variant {name}; one of {sorted(VARIANTS)} or fold_0..2")
+        run_one(args, name, int(seed))
+    if args.table:
+        table(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
