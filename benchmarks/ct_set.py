@@ -78,7 +78,7 @@ def slice_inferer() -> Any:
     try:  # the engine package of the rebuilt training house, else the module it came from
         from pneumoseg.engine.inferers import DualOutputSliceInferer  # type: ignore[import-not-found]
     except ImportError:
-        from pneumoseg.workflows import DualOutputSliceInferer
+        from pneumoseg.engine.inferers import DualOutputSliceInferer
     return DualOutputSliceInferer(roi_size=(-1, -1), sw_batch_size=16)
 
 

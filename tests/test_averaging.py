@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pneumoseg.averaging import TopKAverager, average_state_dicts
+from pneumoseg.engine.averaging import TopKAverager, average_state_dicts
 
 
 def test_average_of_state_dicts():

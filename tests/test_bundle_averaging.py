@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import synthetic_siim_manifest
 
-from pneumoseg.averaging import average_state_dicts
+from pneumoseg.engine.averaging import average_state_dicts
 from pneumoseg.model_record import load_trained_model
 
 REPO = Path(__file__).resolve().parents[1]

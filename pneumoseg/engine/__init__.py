@@ -5,6 +5,7 @@
 ``inferers``       CPU autocast; CT volumes slice by slice with the image-level head
 ``handlers``       gradient clipping, early stopping that survives a resume, stop after an epoch, metric logs
 ``checkpoints``    best model and last checkpoint, written atomically; resume
+``averaging``      the top-k validation checkpoints of a run kept and averaged (``average_top_k.json``)
 ``seeding``        seeds and kernel choice per run, re-seeding per epoch (exact resume)
 ``record``         the model record: written when training starts, checked and tuned by evaluation
 ``datalist``       pre-flight check of a manifest split, naming every bad entry

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pneumoseg.engine.checkpoints import save_atomically
+from pneumoseg.engine.distributed import is_main_process
 
 __all__ = ["average_state_dicts", "TopKAverager"]
 
@@ -45,23 +47,6 @@ def average_state_dicts(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[st
         else:
             averaged[key] = torch.stack(tensors).amax(0)
     return averaged
-
-
-def _is_main_process() -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed or torch.distributed.get_rank() == 0
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TopKAverager:
@@ -118,10 +103,10 @@ class TopKAverager:
         epoch = int((self.epoch_engine or engine).state.epoch)
         entry = {"file": f"epoch_{epoch:04d}.pt", "epoch": epoch, "score": score}
         ranked = sorted([e for e in self.kept if e["epoch"] != epoch] + [entry], key=lambda e: -e["score"])
-        if entry not in ranked[: self.k] or not _is_main_process():
+        if entry not in ranked[: self.k] or not is_main_process():
             return
         state = {k.removeprefix("module."): v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
-        _atomic_save(state, self.save_dir / entry["file"])
+        save_atomically(state, self.save_dir / entry["file"])
         dropped = [e for e in ranked[self.k :] if e["file"] != entry["file"]]
         self.kept = ranked[: self.k]
         (self.save_dir / "top_k.json.tmp").write_text(json.dumps(self.kept, indent=1) + "\n")
@@ -129,5 +114,5 @@ class TopKAverager:
         for old in dropped:
             (self.save_dir / old["file"]).unlink(missing_ok=True)
         states = [torch.load(self.save_dir / e["file"], map_location="cpu", weights_only=True) for e in self.kept]
-        _atomic_save(average_state_dicts(states), self.average_path)
+        save_atomically(average_state_dicts(states), self.average_path)
         logger.info("top-%d average of epochs %s -> %s", self.k, [e["epoch"] for e in self.kept], self.average_path)
