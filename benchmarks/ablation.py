@@ -15,6 +15,7 @@ One training per call, so each holds the shared lock alone::
     for run in full:0 full:1 no_encoder_scse:0 ...; do
         OMP_WAIT_POLICY=PASSIVE flock /tmp/pneumoseg-heavy.lock .venv/bin/python benchmarks/ablation.py --run $run
     done
+    .venv/bin/python benchmarks/ablation.py --ensemble    # fold_0..2 (seed 0) as one MeanEnsemble, +/- flip TTA
     .venv/bin/python benchmarks/ablation.py --table       # the markdown table from results.json
 """
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=hard_set.REPO / "bench_out" / "ablation", help="output folder")
     parser.add_argument("--run", help="VARIANT:SEED (a VARIANT of the list, or fold_I for fold I of 3)")
     parser.add_argument("--table", action="store_true", help="print the table of the runs so far")
+    parser.add_argument(
+        "--ensemble", action="store_true", help="score the fold models (seed 0) as one ensemble, with and without TTA"
+    )
     parser.add_argument("--epochs", type=int, default=6, help="training epochs")
     parser.add_argument("--image-size", type=int, default=192, help="network input size (multiple of 64)")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes")
@@ -77,6 +81,29 @@ def run_one(args: argparse.Namespace, name: str, seed: int) -> None:
     print(f"{name} seed {seed}: " + ", ".join(f"{k} {scored[k]:.4f}" for k in METRICS) + f", {seconds:.0f} s")
 
 
+def score_ensemble(args: argparse.Namespace) -> None:
+    """The trained ``fold_I_seed0`` bundles as one :class:`MeanEnsemble` (and with flip TTA), into results.json."""
+    from pneumoseg.infer.models import FlipTTA, MeanEnsemble
+    from pneumoseg.model_record import load_trained_model
+
+    manifest = hard_set.make_hard_data(hard_set.DATA, folds=3, workers=args.workers)
+    folds = sorted(args.out.glob("fold_*_seed0"))
+    if not folds:
+        raise SystemExit(f"no fold bundles in {args.out}: run --run fold_0:0 .. fold_2:0 first")
+    trained = [load_trained_model(bundle) for bundle in folds]
+    data = {s: hard_set.load_images(manifest, s, args.image_size, trained[0].record) for s in ("validation", "test")}
+    ensemble = MeanEnsemble([t.network for t in trained])
+    results_file = args.out / "results.json"
+    for name, network in ((f"fold_ensemble_{len(folds)}", ensemble), (f"fold_ensemble_{len(folds)}+tta",
+                                                                       FlipTTA(ensemble))):  # fmt: skip
+        scored = hard_set.score_network(network, data)
+        scored["seconds_train"] = 0.0
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        results[f"{name}:0"] = scored
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"{name}: " + ", ".join(f"{k} {scored[k]:.4f}" for k in METRICS))
+
+
 def table(args: argparse.Namespace) -> None:
     results = json.loads((args.out / "results.json").read_text())
     groups: dict[str, list[dict]] = {}
@@ -102,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in VARIANTS and not name.startswith("fold_"):
             raise SystemExit(f"unknown variant {name}; one of {sorted(VARIANTS)} or fold_0..2")
         run_one(args, name, int(seed))
+    if args.ensemble:
+        score_ensemble(args)
     if args.table:
         table(args)
     return 0
