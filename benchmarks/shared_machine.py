@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (the bundle's default)")
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU (as the demo on AVX512-BF16)")
     parser.add_argument("--decoder-channels", default="[64,32,32,16,16]", help="decoder widths")
+    parser.add_argument(
+        "--without-policy", action="store_true", help="also run this checkout without OMP_WAIT_POLICY (its cost alone)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.before_rev:
         versions.append(Version(f"before ({args.before_rev})", _before_code(args.out, args.before_rev), {}))
     versions.append(Version("after", REPO, {"OMP_WAIT_POLICY": "PASSIVE"}))
+    if args.without_policy:
+        versions.append(Version("after, no policy", REPO, {}))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{cpus} CPUs; {args.radiographs} phantoms, {args.epochs} epochs at {args.image_size} px, "
           f"batch {args.batch_size}, {args.workers} workers, bf16 {args.cpu_bf16}", flush=True)  # fmt: skip
