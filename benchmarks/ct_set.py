@@ -155,16 +155,7 @@ def train_3d(
     best, best_score, history = None, -1.0, []
     for epoch in range(1, epochs + 1):
         set_determinism(seed=(seed * 1_000_003 + epoch) % 2**31)
-        network.train()
-        for batch in loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
-                out = network(batch["image"])
-            terms = loss(out.seg, out.cls, batch["label"].float())
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), r["grad_clip_norm"])
-            optimizer.step()
-            schedule.step()
+        terms = hard_set.train_one_epoch(network, loader, loss, optimizer, schedule, r["grad_clip_norm"], cpu_bf16)
         seg, _ = predict_volumes(network, val[0], two_d=False, cpu_bf16=cpu_bf16)
         dice = float(hard_set.siim_dice(seg > 0.5, val[1]).mean())
         history.append({"epoch": epoch, "val_dice": dice, "loss": float(terms.total)})

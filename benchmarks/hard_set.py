@@ -141,6 +141,30 @@ def train_bundle(
     return time.perf_counter() - start
 
 
+def train_one_epoch(
+    network: torch.nn.Module,
+    loader: Any,
+    loss: Any,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    grad_clip_norm: float,
+    cpu_bf16: bool = True,
+) -> Any:
+    """One epoch of the bundle's recipe outside its engines (bf16 autocast, fused loss, gradient clipping, a
+    schedule step per batch); returns the last batch's loss terms."""
+    network.train()
+    for batch in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+            out = network(batch["image"])
+        terms = loss(out[0], out[1], batch["label"].float())
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip_norm)
+        optimizer.step()
+        schedule.step()
+    return terms
+
+
 def train_peer(
     network: torch.nn.Module,
     manifest: Path,
@@ -174,16 +198,7 @@ def train_peer(
     best, best_score, history = None, -1.0, []
     for epoch in range(1, epochs + 1):
         set_determinism(seed=(seed * 1_000_003 + epoch) % 2**31)
-        network.train()
-        for batch in loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
-                out = network(batch["image"])
-            terms = loss(out[0], out[1], batch["label"])
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), r["grad_clip_norm"])
-            optimizer.step()
-            schedule.step()
+        terms = train_one_epoch(network, loader, loss, optimizer, schedule, r["grad_clip_norm"], cpu_bf16)
         seg, cls = predict(network, val_images, cpu_bf16=cpu_bf16)
         dice = float(siim_dice(seg > 0.5, val_labels).mean())
         history.append({"epoch": epoch, "val_siim_dice": dice, "loss": float(terms.total)})
