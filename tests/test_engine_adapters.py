@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mask_support import box_masks
 
 from pneumoseg.engine.adapters import (
     MultiTaskLoss,
@@ -18,18 +19,8 @@ from pneumoseg.losses import FusedMultiTaskLoss
 from pneumoseg.networks import SCSEUNetOutput
 
 
-def _masks(seed: int = 0, b: int = 4, size: int = 16) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(b, 1, size, size)
-    for i in range(b):
-        if i % 2:  # odd images positive: a random box
-            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
-            masks[i, 0, y : y + size // 3, x : x + size // 3] = 1
-    return masks
-
-
 def test_prepare_batch_derives_image_label_from_mask():
-    masks = _masks()
+    masks = box_masks()
     image, target = MultiTaskPrepareBatch()({"image": torch.rand(4, 1, 16, 16), "label": masks}, "cpu")
     assert image.shape == (4, 1, 16, 16)
     assert isinstance(target, MultiTaskTarget)
@@ -42,7 +33,7 @@ def test_prepare_batch_derives_image_label_from_mask():
 def test_loss_adapter_matches_fused_loss_and_keeps_terms():
     g = torch.Generator().manual_seed(1)
     pred = SCSEUNetOutput(torch.randn(4, 1, 16, 16, generator=g), torch.randn(4, 1, generator=g))
-    masks = _masks()
+    masks = box_masks()
     adapter = MultiTaskLoss(cls_weight=0.3)
     reference = FusedMultiTaskLoss(cls_weight=0.3)(pred.seg, pred.cls, masks)
     total = adapter(pred, MultiTaskTarget(masks, (masks.flatten(1).amax(1, keepdim=True) > 0).float()))
@@ -54,7 +45,7 @@ def test_loss_adapter_matches_fused_loss_and_keeps_terms():
 
 
 def test_output_handler_exposes_plain_tensors():
-    masks = _masks()
+    masks = box_masks()
     seg_logits = torch.where(masks > 0, 4.0, -4.0)  # confident and right
     cls_logits = torch.tensor([[-3.0], [3.0], [0.1], [3.0]])
     loss = MultiTaskLoss()

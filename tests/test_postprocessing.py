@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mask_support import box_masks
 from monai.metrics import DiceMetric
 from monai.transforms import AsDiscrete
 
@@ -16,16 +17,6 @@ from pneumoseg.postprocessing import (
     PostprocessingSearch,
     at_or_above,
 )
-
-
-def _masks(seed: int = 0, b: int = 4, size: int = 16) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(b, 1, size, size)
-    for i in range(b):
-        if i % 2:  # odd images positive: a random box
-            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
-            masks[i, 0, y : y + size // 3, x : x + size // 3] = 1
-    return masks
 
 
 def _siim_dice(masks: torch.Tensor, truth: torch.Tensor) -> float:
@@ -65,7 +56,7 @@ def test_one_threshold_convention_at_or_above_everywhere():
 
 def test_search_statistics_give_the_same_dice_as_applying_the_rule():
     g = torch.Generator().manual_seed(3)
-    truth = _masks(seed=3, b=6)
+    truth = box_masks(seed=3, b=6)
     prob = (0.6 * truth + 0.5 * torch.rand(6, 1, 16, 16, generator=g)).clamp(0, 1)
     prob[0, 0, 0, :4] = torch.tensor([0.2, 0.3, 0.4, 0.5])  # values exactly on grid points
     cls = torch.rand(6, 1, generator=g)
