@@ -130,12 +130,10 @@ def train_3d(
     """``SCSEUNet(spatial_dims=3)`` on whole volumes with the bundle's recipe; the best validation epoch's
     network, the per-epoch validation Dice and the wall time."""
     from monai.data import CacheDataset, DataLoader
-    from monai.optimizers import WarmupCosineSchedule
     from monai.transforms import Compose, RandFlipd, SelectItemsd
     from monai.utils import set_determinism
 
     from pneumoseg.data.transforms import ct_validation_transforms
-    from pneumoseg.losses import FusedMultiTaskLoss
     from pneumoseg.networks import SCSEUNet
 
     start = time.perf_counter()
@@ -149,9 +147,7 @@ def train_3d(
     )
     val = load_volumes(manifest, "validation", image_size)
     network = SCSEUNet(spatial_dims=3, decoder_channels=decoder_channels)
-    loss = FusedMultiTaskLoss(seg_weight=r["seg_weight"], cls_weight=r["cls_weight"])
-    optimizer = torch.optim.AdamW(network.parameters(), lr=r["learning_rate"], weight_decay=r["weight_decay"])
-    schedule = WarmupCosineSchedule(optimizer, r["warmup_epochs"] * len(loader), epochs * len(loader))
+    loss, optimizer, schedule = hard_set.recipe_optimisation(network, r, len(loader), epochs)
     best, best_score, history = None, -1.0, []
     for epoch in range(1, epochs + 1):
         set_determinism(seed=(seed * 1_000_003 + epoch) % 2**31)

@@ -141,6 +141,21 @@ def train_bundle(
     return time.perf_counter() - start
 
 
+def recipe_optimisation(
+    network: torch.nn.Module, recipe: dict[str, Any], steps_per_epoch: int, epochs: int
+) -> tuple[Any, torch.optim.Optimizer, Any]:
+    """The fused loss, AdamW and the warm-up + cosine schedule of ``train.json`` (``bundle_defaults()``), for a
+    network trained outside the bundle's engines."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    from pneumoseg.losses import FusedMultiTaskLoss
+
+    loss = FusedMultiTaskLoss(seg_weight=recipe["seg_weight"], cls_weight=recipe["cls_weight"])
+    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
+    schedule = WarmupCosineSchedule(optimizer, recipe["warmup_epochs"] * steps_per_epoch, epochs * steps_per_epoch)
+    return loss, optimizer, schedule
+
+
 def train_one_epoch(
     network: torch.nn.Module,
     loader: Any,
@@ -178,12 +193,10 @@ def train_peer(
     """Train ``network`` with the bundle's recipe; returns (best validation epoch's state dict, per-epoch
     validation SIIM Dice at plain 0.5 thresholding, wall time in seconds)."""
     from monai.data import CacheDataset, DataLoader
-    from monai.optimizers import WarmupCosineSchedule
     from monai.transforms import Compose, SelectItemsd
     from monai.utils import set_determinism
 
     from pneumoseg.data.transforms import radiograph_train_transforms
-    from pneumoseg.losses import FusedMultiTaskLoss
 
     start = time.perf_counter()
     r = {**bundle_defaults(), **(recipe or {})}
@@ -192,9 +205,7 @@ def train_peer(
     train_ds = CacheDataset(split_entries(manifest, "training"), chain, num_workers=workers, progress=False)
     loader = DataLoader(train_ds, batch_size=r["batch_size"], shuffle=True, drop_last=True, num_workers=workers)
     val_images, val_labels = load_images(manifest, "validation", image_size)
-    loss = FusedMultiTaskLoss(seg_weight=r["seg_weight"], cls_weight=r["cls_weight"])
-    optimizer = torch.optim.AdamW(network.parameters(), lr=r["learning_rate"], weight_decay=r["weight_decay"])
-    schedule = WarmupCosineSchedule(optimizer, r["warmup_epochs"] * len(loader), epochs * len(loader))
+    loss, optimizer, schedule = recipe_optimisation(network, r, len(loader), epochs)
     best, best_score, history = None, -1.0, []
     for epoch in range(1, epochs + 1):
         set_determinism(seed=(seed * 1_000_003 + epoch) % 2**31)
