@@ -44,12 +44,15 @@ def check_datalist(
     check_sizes: bool = True,
     allow_empty: bool = False,
     max_listed: int = 10,
+    min_batch: int = 0,
 ) -> list[dict[str, Any]]:
     """Load one split of a manifest with absolute paths, after checking it from file headers only.
 
     Checks: the manifest and split exist; the split is not empty (unless ``allow_empty``); every image
     (and ``label`` file) exists; SIIM ``label_rle`` rows are valid and fit the image's Rows x Columns; a
     ``label`` file has the image's shape. ``data_root`` overrides the manifest's own ``data_root``.
+    ``min_batch``: the training batch size; a split smaller than one batch is refused, because the training
+    loader drops incomplete batches (batch norm cannot train on a batch of one) and would run zero steps.
 
     Raises:
         DatalistError: listing up to ``max_listed`` offending entries as
@@ -73,6 +76,11 @@ def check_datalist(
         )
     if not raw[split] and not allow_empty:
         raise DatalistError(f"{manifest}: split {split!r} is empty; nothing to train or validate on")
+    if 0 < len(raw[split]) < min_batch:
+        raise DatalistError(
+            f"{manifest}: split {split!r} has {len(raw[split])} entries, fewer than one training batch of"
+            f" {min_batch} (incomplete batches are dropped, so no step would run): lower --batch_size or add data"
+        )
     base = Path(data_root) if data_root else manifest_base_dir(manifest)
     entries = load_decathlon_datalist(str(manifest), is_segmentation=True, data_list_key=split, base_dir=str(base))
     problems: list[str] = []
