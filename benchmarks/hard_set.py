@@ -166,17 +166,24 @@ def train_one_epoch(
     cpu_bf16: bool = True,
 ) -> Any:
     """One epoch of the bundle's recipe outside its engines (bf16 autocast, fused loss, gradient clipping, a
-    schedule step per batch); returns the last batch's loss terms."""
+    schedule step per batch, a step with non-finite gradients skipped as ``GradientClipHandler`` does);
+    returns the last batch's loss terms."""
     network.train()
+    skipped = 0
     for batch in loader:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
             out = network(batch["image"])
         terms = loss(out[0], out[1], batch["label"].float())
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip_norm)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip_norm)
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:
+            skipped += 1
         schedule.step()
+    if skipped:
+        print(f"  {skipped} of {len(loader)} steps skipped: non-finite gradients", flush=True)
     return terms
 
 
