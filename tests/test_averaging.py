@@ -47,3 +47,14 @@ def test_top_k_keeps_the_best_validations_and_their_average_survives_a_restart(t
     assert [e["epoch"] for e in kept] == [5, 2]
     assert sorted(p.name for p in (tmp_path / "top_k").glob("*.pt")) == ["epoch_0002.pt", "epoch_0005.pt"]
     assert torch.equal(torch.load(tmp_path / "avg.pt")["weight"], torch.full((1, 2), 4.0))
+
+
+def test_a_validation_without_a_score_ranks_below_every_scored_one(tmp_path):
+    """NaN (e.g. positive-only Dice on a split without a positive image) is kept only while slots are free."""
+    network = torch.nn.Linear(2, 1, bias=False)
+    averager = TopKAverager(tmp_path / "top_k", network, k=2, average_path=tmp_path / "avg.pt")
+    for epoch, score, value in ((1, float("nan"), 1.0), (2, 0.1, 2.0), (3, 0.2, 4.0)):
+        _validate(averager, network, epoch, score, value)
+    listing = (tmp_path / "top_k" / "top_k.json").read_text()
+    assert [e["epoch"] for e in json.loads(listing)] == [3, 2] and "NaN" not in listing
+    assert torch.equal(torch.load(tmp_path / "avg.pt")["weight"], torch.full((1, 2), 3.0))

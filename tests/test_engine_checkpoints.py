@@ -110,3 +110,25 @@ def test_save_atomically_keeps_the_old_file_whole_when_a_write_fails(tmp_path: P
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temporary file left behind
     save_atomically({"w": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))
+
+
+def test_a_metric_without_a_value_never_wins_but_a_run_always_leaves_a_model(tmp_path: Path):
+    """NaN scores (positive-only Dice on a validation split without a positive image): the first model is
+    written so the run leaves one, a model.pt of an earlier run in the folder is not kept, a real score wins."""
+    from types import SimpleNamespace
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    (tmp_path / "model.pt").write_bytes(b"an earlier run's model")
+    saver = BestModelSaver(str(tmp_path), network, metric_name="val_siim_dice_positive")
+
+    def validate(epoch: int, score: float, weight: float) -> float:
+        torch.nn.init.constant_(network.weight, weight)
+        saver(SimpleNamespace(state=SimpleNamespace(epoch=epoch, metrics={"val_siim_dice_positive": score})))
+        return float(torch.load(tmp_path / "model.pt", weights_only=True)["weight"])
+
+    assert validate(1, float("nan"), 1.0) == 1.0  # written: the run had no model yet
+    assert validate(2, float("nan"), 2.0) == 1.0  # not replaced by another score-less model
+    assert saver.state_dict() == {"best_metric": None, "best_epoch": None}
+    assert validate(3, 0.1, 3.0) == 3.0  # any real score beats no score
+    assert validate(4, float("nan"), 4.0) == 3.0
+    assert saver.state_dict() == {"best_metric": 0.1, "best_epoch": 3}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -101,8 +102,11 @@ class TopKAverager:
     def __call__(self, engine: Any) -> None:
         score = float(engine.state.metrics[self.metric_name])
         epoch = int((self.epoch_engine or engine).state.epoch)
-        entry = {"file": f"epoch_{epoch:04d}.pt", "epoch": epoch, "score": score}
-        ranked = sorted([e for e in self.kept if e["epoch"] != epoch] + [entry], key=lambda e: -e["score"])
+        entry = {"file": f"epoch_{epoch:04d}.pt", "epoch": epoch, "score": score if math.isfinite(score) else None}
+        ranked = sorted(  # a validation without a score (None: NaN) ranks below every scored one
+            [e for e in self.kept if e["epoch"] != epoch] + [entry],
+            key=lambda e: math.inf if e["score"] is None else -e["score"],
+        )
         if entry not in ranked[: self.k] or not is_main_process():
             return
         state = {k.removeprefix("module."): v.detach().cpu().clone() for k, v in self.network.state_dict().items()}

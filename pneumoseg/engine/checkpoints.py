@@ -90,6 +90,9 @@ class BestModelSaver:
     Attach to the evaluator. Its state (:meth:`state_dict`: best metric and the epoch it was reached at) goes
     into the last checkpoint, so a resumed run replaces ``model.pt`` only with a model better than every one
     before the interruption. Every rank keeps the state (metrics are all-gathered), rank 0 alone writes.
+    A metric without a value (NaN: e.g. positive-only Dice on a validation split without a positive image)
+    never counts as best; the model is still written if the run has none yet, so that a run always leaves a
+    ``model.pt``, and the first real score replaces it.
 
     Args:
         save_dir: the folder of the weights (``models``).
@@ -106,21 +109,31 @@ class BestModelSaver:
         self.metric_name = metric_name
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        self._written = False  # by this process: a model.pt of an earlier run in the same folder does not count
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _save(self) -> None:
+        self._written = True
+        if is_main_process():
+            save_atomically(_unwrap(self.network).state_dict(), self.path)
 
     def __call__(self, engine: Engine) -> None:
         name = self.metric_name or engine.state.key_metric_name
         score = float(engine.state.metrics[name])
         if not math.isfinite(score):
-            logger.warning("%s is %s at epoch %d: %s not replaced", name, score, engine.state.epoch, self.path.name)
+            first = self.best_metric is None and not self._written
+            logger.warning("%s is %s at epoch %d: %s %s", name, score, engine.state.epoch, self.path.name,
+                           "written (the run has no model yet)" if first else "not replaced")  # fmt: skip
+            if first:
+                self._save()
             return
         if self.best_metric is not None and score <= self.best_metric:
             return
         self.best_metric, self.best_epoch = score, int(engine.state.epoch)
+        self._save()
         if is_main_process():
-            save_atomically(_unwrap(self.network).state_dict(), self.path)
             logger.info("%s %.4f at epoch %d: saved %s", name, score, self.best_epoch, self.path)
 
     def state_dict(self) -> dict[str, Any]:
