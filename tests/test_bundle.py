@@ -111,7 +111,8 @@ def test_train_two_epochs_writes_model_checkpoint_and_metrics(trained):
     assert last["trainer"]["iteration"] == 2 * (n_train // 4)
     history = [json.loads(line) for line in (bundle / "eval/metrics_history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
-    scores = [h["val_siim_dice"] for h in history]
+    assert any(e.get("has_pneumothorax") for e in manifest["validation"])  # positive-only Dice has a value
+    scores = [h["val_siim_dice_positive"] for h in history]  # the selection metric
     best = {"best_metric": pytest.approx(max(scores)), "best_epoch": 1 + scores.index(max(scores))}
     assert last["best_model"] == best  # a later equal score does not replace the first model to reach it
     assert last["early_stop"]["best_score"] == pytest.approx(max(scores))
@@ -395,8 +396,18 @@ def test_ct_trains_on_axial_slices_and_infers_a_3d_mask(tmp_path: Path):
         )
     )  # fmt: skip
     assert (bundle / "models/model.pt").is_file()
+    from monai.bundle import ConfigParser
+
     from pneumoseg.model_record import ModelRecord
 
+    # one selection metric, positive-only Dice, for radiographs and CT, unless overridden
+    for configs, override in ((["train.json"], {}), (["train.json", "ct.json"], {"selection_metric": "val_siim_dice"})):
+        parser = ConfigParser()
+        parser.read_config([str(bundle / "configs" / c) for c in [*configs, "average_top_k.json"]])
+        parser.update({"bundle_root": str(tmp_path / "unused"), **override})
+        metric = override.get("selection_metric", "val_siim_dice_positive")
+        assert parser.get_parsed_content("validate#best_model").metric_name == metric
+        assert parser.get_parsed_content("top_k_averager#metric_name") == metric
     record = ModelRecord.read(bundle / "models/model_record.json")
     assert record.kinds == ("ct",) and record.ct.image_size == 64 and record.ct.orientation == "RAS"
     out = tmp_path / "ct_masks"

@@ -35,7 +35,7 @@ def test_top_k_overlay_keeps_the_best_validations_and_their_average_loads(tmp_pa
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     history = [json.loads(line) for line in (bundle / "eval" / "metrics_history.jsonl").read_text().splitlines()]
     kept = json.loads((bundle / "models" / "top_k" / "top_k.json").read_text())
-    scores = sorted((h["val_siim_dice"] for h in history), reverse=True)
+    scores = sorted((h["val_siim_dice_positive"] for h in history), reverse=True)  # the selection metric
     assert [round(e["score"], 6) for e in kept] == [round(s, 6) for s in scores[:2]]
     files = sorted(p.name for p in (bundle / "models" / "top_k").glob("*.pt"))
     assert files == sorted(e["file"] for e in kept)
