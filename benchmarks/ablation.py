@@ -16,6 +16,7 @@ One training per call, so each holds the shared lock alone::
         OMP_WAIT_POLICY=PASSIVE flock /tmp/pneumoseg-heavy.lock .venv/bin/python benchmarks/ablation.py --run $run
     done
     .venv/bin/python benchmarks/ablation.py --ensemble    # fold_0..2 (seed 0) as one MeanEnsemble, +/- flip TTA
+    .venv/bin/python benchmarks/ablation.py --ensemble --last   # the same with each fold's last epoch, and alone
     .venv/bin/python benchmarks/ablation.py --table       # the markdown table from results.json
 """
 
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ensemble", action="store_true", help="score the fold models (seed 0) as one ensemble, with and without TTA"
     )
+    parser.add_argument("--last", action="store_true", help="--ensemble: the folds' last epochs, not model.pt")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs")
     parser.add_argument("--image-size", type=int, default=192, help="network input size (multiple of 64)")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes")
@@ -86,6 +88,8 @@ def run_one(args: argparse.Namespace, name: str, seed: int) -> None:
 
 def score_ensemble(args: argparse.Namespace) -> None:
     """The trained ``fold_I_seed0`` bundles as one :class:`MeanEnsemble` (and with flip TTA), into results.json."""
+    import torch
+
     from pneumoseg.infer.models import FlipTTA, MeanEnsemble
     from pneumoseg.model_record import load_trained_model
 
@@ -94,11 +98,18 @@ def score_ensemble(args: argparse.Namespace) -> None:
     if not folds:
         raise SystemExit(f"no fold bundles in {args.out}: run --run fold_0:0 .. fold_2:0 first")
     trained = [load_trained_model(bundle) for bundle in folds]
+    suffix = ""
+    if args.last:  # each fold's last epoch (checkpoint_last.pt) instead of its selected model.pt
+        suffix = "_last"
+        for bundle, model in zip(folds, trained):
+            last = torch.load(bundle / "models" / "checkpoint_last.pt", weights_only=True)
+            model.network.load_state_dict(last["model"])
     data = {s: hard_set.load_images(manifest, s, args.image_size, trained[0].record) for s in ("validation", "test")}
     ensemble = MeanEnsemble([t.network for t in trained])
     results_file = args.out / "results.json"
-    for name, network in ((f"fold_ensemble_{len(folds)}", ensemble), (f"fold_ensemble_{len(folds)}+tta",
-                                                                       FlipTTA(ensemble))):  # fmt: skip
+    alone = [(f"{bundle.name.removesuffix('_seed0')}{suffix}", t.network) for bundle, t in zip(folds, trained)]
+    for name, network in (*(alone if args.last else ()), (f"fold_ensemble_{len(folds)}{suffix}", ensemble),
+                          (f"fold_ensemble_{len(folds)}{suffix}+tta", FlipTTA(ensemble))):  # fmt: skip
         scored = hard_set.score_network(network, data)
         scored["seconds_train"] = 0.0
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}
