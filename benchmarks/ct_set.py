@@ -83,7 +83,9 @@ def slice_inferer() -> Any:
 
 
 @torch.inference_mode()
-def predict_volumes(network: torch.nn.Module, images: torch.Tensor, two_d: bool, cpu_bf16: bool = True) -> tuple:
+def predict_volumes(
+    network: torch.nn.Module, images: torch.Tensor, two_d: bool, cpu_bf16: bool = hard_set.CPU_BF16
+) -> tuple:
     """``(seg_prob [N, 1, S, S, K], cls_prob [N])``: a 2D network slice by slice, a 3D one per volume."""
     network.eval()
     inferer = slice_inferer() if two_d else None

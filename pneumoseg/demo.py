@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumoseg.demo_ct import train_demo_ct_model
-from pneumoseg.runtime import FAIR_SHARE_ENVIRONMENT
+from pneumoseg.runtime import FAIR_SHARE_ENVIRONMENT, cpu_has_native_bf16
 
 BUNDLE_SOURCE = Path(__file__).resolve().parent.parent / "bundles" / "pneumothorax_scse_unet"
 
@@ -70,10 +70,7 @@ def _cpu_has_native_bf16() -> bool:
 
     if torch.cuda.is_available():
         return False  # the bundle uses AMP on GPUs by itself
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()) or bool(
-        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    )
+    return cpu_has_native_bf16()
 
 
 def _copy_bundle(target: Path) -> Path:

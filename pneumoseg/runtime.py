@@ -113,6 +113,17 @@ def available_cpus() -> int:
     return max(1, count)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Elsewhere bf16 autocast is emulated and
+    slower than fp32, so callers choose fp32 there."""
+    import torch
+
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()) or bool(
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
 def configure_cpu_threads(num_threads: int | None = None) -> int:
     """Size PyTorch's intra-op thread pool for this process and check the OpenMP wait policy.
 

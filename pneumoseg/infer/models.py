@@ -29,6 +29,7 @@ from pneumoseg.model_record import (
     bundle_identity,
     load_trained_model,
 )
+from pneumoseg.runtime import cpu_has_native_bf16
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -233,10 +234,7 @@ def precision(device: torch.device, fp32: bool) -> tuple[torch.dtype | None, boo
         return None, False
     if device.type == "cuda":
         return torch.float16, True
-    native_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) or bool(
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return (torch.bfloat16, True) if native_bf16 else (None, False)
+    return (torch.bfloat16, True) if cpu_has_native_bf16() else (None, False)
 
 
 class PrecisionWrapper(nn.Module):
