@@ -16,7 +16,7 @@ It runs, and prints, the very commands a user would run on real data:
    and CT (DICOM series + NIfTI), each scan routed by its kind to the model trained on that kind, writing
    masks, DICOM SEG, overlays and a report.
 
-Nothing is downloaded. On a 2-core CPU it takes about 10 minutes; the numbers are those of a short
+Nothing is downloaded. On a 2-core CPU it takes 10-25 minutes (less with native bf16); the numbers are those of a short
 training on small images, not of a trained model (``benchmarks/train_synthetic.py`` trains longer). The
 subprocesses run with :data:`pneumoseg.runtime.FAIR_SHARE_ENVIRONMENT` (OpenMP threads that sleep while they
 wait), so another job on the machine slows the demo in proportion to the cores it takes.
@@ -201,7 +201,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         description="Synthesize chest phantoms, build a manifest, train the MONAI bundle briefly, tune its "
         "post-processing on the validation split, evaluate it on the held-out test split with those values and "
         "batch-infer a folder of radiographs and CT, printing every command it runs and where the results are. "
-        "Nothing is downloaded; about 10 minutes on a 2-core CPU.",
+        "Nothing is downloaded; 10-25 minutes on a 2-core CPU.",
     )
     parser.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where everything is written")
     parser.add_argument("--radiographs", type=int, default=defaults.radiographs, help="synthetic radiographs")
