@@ -111,3 +111,20 @@ def test_thread_pool_follows_the_cpus_the_process_may_use() -> None:
 def test_missing_passive_wait_policy_is_named() -> None:
     _, warning = threads("1")
     assert "OMP_WAIT_POLICY is unset, not PASSIVE" in warning
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags of Linux")
+def test_native_bf16_follows_the_cpu_flags_and_decides_the_inference_precision(monkeypatch) -> None:
+    import torch
+
+    from pneumoseg.infer import models
+    from pneumoseg.runtime import cpu_has_native_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.precision(cpu, fp32=False) == (torch.bfloat16, True)
+    assert models.precision(cpu, fp32=True) == (None, False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower than fp32
+    assert models.precision(cpu, fp32=False) == (None, False)
