@@ -18,9 +18,8 @@ It runs, and prints, the very commands a user would run on real data:
 
 Nothing is downloaded. On a 2-core CPU it takes 10-25 minutes (the shorter with native bf16); the numbers are
 those of a short training on small images, not of a trained model (``benchmarks/train_synthetic.py`` trains
-longer). The
-subprocesses run with :data:`pneumoseg.runtime.FAIR_SHARE_ENVIRONMENT` (OpenMP threads that sleep while they
-wait), so another job on the machine slows the demo in proportion to the cores it takes.
+longer). The subprocesses run with :data:`pneumoseg.runtime.FAIR_SHARE_ENVIRONMENT` (OpenMP threads that sleep
+while they wait), so another job on the machine slows the demo in proportion to the cores it takes.
 """
 
 from __future__ import annotations
